@@ -1,0 +1,117 @@
+"""The manifest, the data card and the one-screen summary of a preparation run."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from jobs.tokenize import IGNORE_INDEX
+
+LIBRARIES = ("raysft", "ray", "transformers", "tokenizers", "pyarrow", "jinja2")
+# Rejects that are policy, not bad data: they do not count against max_reject_ratio.
+POLICY_REASONS = {"duplicate", "downsampled"}
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def percentiles(lengths: list[int]) -> dict[str, int]:
+    if not lengths:
+        return {}
+    arr = np.asarray(lengths)
+    return {f"p{q}": int(np.percentile(arr, q, method="nearest")) for q in (50, 90, 99)} | {
+        "min": int(arr.min()), "max": int(arr.max())}
+
+
+def invalid_count(rejected: Counter) -> int:
+    return sum(n for reason, n in rejected.items() if reason not in POLICY_REASONS)
+
+
+def top_reasons(rejected: Counter, n: int = 5) -> str:
+    return ", ".join(f"{reason}: {count}" for reason, count in rejected.most_common(n))
+
+
+def created_at() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def mark_trained(tokenizer: Any, input_ids: np.ndarray, labels: np.ndarray) -> str:
+    """Decode a sample, wrapping each run of trained tokens in ⟦ ⟧."""
+    trained = labels != IGNORE_INDEX
+    out, start = [], 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or trained[i] != trained[start]:
+            text = tokenizer.decode(input_ids[start:i].tolist())
+            out.append(f"⟦{text}⟧" if trained[start] else text)
+            start = i
+    return "".join(out)
+
+
+def data_card(manifest: dict[str, Any], examples: list[str]) -> str:
+    c, t, p = manifest["counts"], manifest["tokens"], manifest["packing"]
+    rejected = "\n".join(f"| {r} | {n} |" for r, n in sorted(c["rejected"].items(), key=lambda x: -x[1])) or "| – | 0 |"
+    shown = "\n\n".join(f"### Example {i + 1}\n\n```text\n{e}\n```" for i, e in enumerate(examples))
+    return f"""# Dataset card: {manifest['name']}
+
+Prepared {manifest['created_at']} by raysft {manifest['library_versions']['raysft']}.
+Spec hash `{manifest['spec_hash'][:16]}`, tokenizer SHA-256 `{manifest['tokenizer']['sha256'][:16]}`,
+template `{manifest['template']['name']}` (end of turn `{manifest['template']['eot']}`), train on `{manifest['spec']['train_on']}`.
+
+## Rows
+
+| | rows |
+|---|---|
+| read | {c['rows_read']} |
+| accepted | {c['accepted']} |
+| rejected | {c['rejected_total']} (invalid: {c['invalid']}) |
+| duplicates | {c['duplicates']} |
+| truncated | {c['truncated']} |
+| samples written (train / val) | {c['samples']['train']} / {c['samples']['val']} |
+
+| reject reason | rows |
+|---|---|
+{rejected}
+
+## Tokens
+
+{t['all']} tokens, {t['trainable']} trained ({t['trainable'] / max(t['all'], 1):.1%}).
+Sample length percentiles: {manifest['sample_length']}.
+Packing `{p['mode']}` into rows of {p['max_seq_length']}: {p['rows']['train']} train and {p['rows']['val']} val rows,
+{p['efficiency']:.1%} of token slots hold real tokens.
+
+## Rendered examples
+
+Trained tokens are inside ⟦ ⟧; everything else has label -100.
+
+{shown}
+"""
+
+
+def summary(manifest: dict[str, Any]) -> str:
+    c, t, p = manifest["counts"], manifest["tokens"], manifest["packing"]
+    lines = [
+        f"dataset {manifest['name']} -> {manifest['output']}  [{manifest['status']}]",
+        f"  rows: read {c['rows_read']}, accepted {c['accepted']}, rejected {c['rejected_total']} "
+        f"(invalid {c['invalid']}, duplicates {c['duplicates']}), truncated {c['truncated']}",
+    ]
+    if c["rejected"]:
+        lines.append(f"  reject reasons: {top_reasons(Counter(c['rejected']), 10)}")
+    lines += [
+        f"  samples: train {c['samples']['train']}, val {c['samples']['val']}",
+        f"  tokens: {t['all']} all, {t['trainable']} trainable; sample length {manifest['sample_length']}",
+        f"  packing {p['mode']}@{p['max_seq_length']}: rows train {p['rows']['train']}, val {p['rows']['val']}, "
+        f"efficiency {p['efficiency']:.2%}",
+        f"  tokenizer sha256 {manifest['tokenizer']['sha256']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,396 @@
+"""Stage 1: conversation datasets -> tokenized, masked, packed Parquet with a manifest.
+
+    python -m jobs.prepare --spec configs/datasets/demo.yaml
+    ray job submit -- python -m jobs.prepare --spec '{"name": ...}'
+
+Ray Data does the per-row work in one streaming pass: tasks read and parse every file row by
+row (`stages.parse_file`), then render, tokenize and mask (`stages.RenderTokenize`, built once
+per worker process). The global steps that need every row at once (de-duplication,
+sampling weights, the split, whole-dataset packing) run on the driver over rows ordered by
+(source, file, line), which makes the output independent of block sizes and CPU counts.
+Every row read ends up in the output or in `rejects/` with its reason; the counts are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import posixpath
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from jobs import manifest as mf
+from jobs import ray_runtime, storage, tokenizer_files
+from jobs.filters import unit_interval
+from jobs.packing import bfd_bins, fill_ratio, pack_row, single_bins
+from jobs.spec import DatasetSpec, Dedup, Packing, SpecError, TemplateName, load_spec
+from jobs.stages import OK, RenderTokenize, parse_file
+
+log = logging.getLogger("raysft.prepare")
+SPLITS = ("train", "val")
+TOKEN_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lens")
+PROGRESS_EVERY_S = 2.0
+
+
+class RejectRatioExceeded(RuntimeError):
+    """Too many invalid rows: the job fails, after writing the rejects and a failed manifest."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to run, not what to produce: none of these change the output."""
+
+    num_cpus: int | None = None  # size of a local cluster; tokenizer actors = cluster CPUs
+    batch_size: int = 256  # rows per tokenizer call
+    blocks: int | None = None  # repartition parsed rows into this many blocks (default: one per file)
+    rows_per_file: int = 8192  # Parquet rows per output file
+
+
+# ---------------------------------------------------------------- validation before any work
+
+
+@dataclass
+class Inputs:
+    tokenizer_files: dict[str, bytes]
+    tokenizer: Any
+    eot: str  # the end-of-turn text of the template, trained after every reply
+    files: list[tuple[Any, list[str]]]  # per source: (filesystem, paths)
+
+
+def resolve_inputs(spec: DatasetSpec) -> Inputs:
+    """Load the tokenizer, check the template and find every source file; report all problems at once."""
+    problems: list[str] = []
+    files, tokenizer, eot = [], None, ""
+    try:
+        tok_files = tokenizer_files.fetch(spec.tokenizer)
+        tokenizer = tokenizer_files.load(tok_files)
+    except Exception as e:  # any reason the tokenizer cannot be read is a spec problem here
+        tok_files = {}
+        problems.append(f"tokenizer: cannot load {spec.tokenizer!r}: {e}")
+    if tokenizer is not None:
+        try:
+            eot = RenderTokenize(spec, tokenizer).template.eot
+        except ValueError as e:
+            problems.append(f"template: {e}")
+    for i, source in enumerate(spec.sources):
+        try:
+            fs, paths = storage.expand(source.uri)
+        except Exception as e:
+            problems.append(f"sources.{i}.uri: cannot list {source.uri!r}: {e}")
+            continue
+        if not paths:
+            problems.append(f"sources.{i}.uri: no files match {source.uri!r}")
+        files.append((fs, paths))
+    if problems:
+        raise SpecError(problems)
+    return Inputs(tok_files, tokenizer, eot, files)
+
+
+# ---------------------------------------------------------------- the Ray Data pipeline
+
+
+# One render+tokenize stage per worker process and spec: Ray reuses worker processes across tasks,
+# so the tokenizer is loaded once per worker, like an actor, without pinning CPUs the way an
+# actor pool does (actors holding every CPU starve the read tasks that feed them).
+_STAGES: dict[tuple[str, str], RenderTokenize] = {}
+
+
+def _stage(spec_json: str, tok_ref: ray.ObjectRef) -> RenderTokenize:
+    key = (spec_json, tok_ref.hex())
+    if key not in _STAGES:
+        _STAGES.clear()
+        _STAGES[key] = RenderTokenize(DatasetSpec.model_validate_json(spec_json), tokenizer_files.load(ray.get(tok_ref)))
+    return _STAGES[key]
+
+
+def tokenize_batch(batch: pa.Table, spec_json: str, tok_ref: ray.ObjectRef) -> pa.Table:
+    """Render + tokenize + mask the usable rows of a batch.
+
+    Rows already rejected while parsing pass through untouched; a row rejected here (too long,
+    nothing to train, template error) gets its reason. The messages column is dropped."""
+    reasons = batch.column("reason").to_pylist()
+    details = batch.column("detail").to_pylist()
+    todo = [i for i, r in enumerate(reasons) if r == OK]
+    cols = _stage(spec_json, tok_ref).columns(batch.column("messages").take(todo).to_pylist())
+    empty = np.empty(0, np.int32)
+    ids, labels, truncated = [empty] * len(reasons), [empty] * len(reasons), [False] * len(reasons)
+    for j, i in enumerate(todo):
+        ids[i], labels[i], truncated[i] = cols["input_ids"][j], cols["labels"][j], cols["truncated"][j]
+        reasons[i], details[i] = cols["reason"][j], cols["detail"][j]
+    return batch.drop_columns(["messages", "reason", "detail"]).append_column(
+        "reason", pa.array(reasons, pa.string())).append_column(
+        "detail", pa.array(details, pa.string())).append_column(
+        "input_ids", _list_array(ids)).append_column(
+        "labels", _list_array(labels)).append_column(
+        "truncated", pa.array(truncated, pa.bool_()))
+
+
+def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.empty(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32, copy=False)))
+
+
+def read_and_tokenize(spec: DatasetSpec, inputs: Inputs, options: Options) -> pa.Table:
+    """One streaming pass: read files (tasks) -> parse rows -> render + tokenize + mask (actors).
+
+    Returns every row read, ordered by (source, file, line), with its tokens or reject reason."""
+    datasets = []
+    for i, (source, (fs, paths)) in enumerate(zip(spec.sources, inputs.files, strict=True)):
+        def parse(row: dict[str, Any], i=i, source=source) -> list[dict[str, Any]]:
+            return parse_file(row["path"], row["bytes"], i, source, spec)
+
+        datasets.append(ray.data.read_binary_files(paths, filesystem=fs, include_paths=True).flat_map(parse))
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    # Read, parse and tokenize fuse into one task per file. With fewer files than CPUs, split
+    # the parsed rows so every CPU gets work.
+    cpus = ray_runtime.cluster_cpus()
+    n_files = sum(len(paths) for _, paths in inputs.files)
+    blocks = options.blocks or (2 * cpus if n_files < cpus else None)
+    if blocks:
+        ds = ds.repartition(blocks)
+    ds = ds.map_batches(
+        tokenize_batch,
+        fn_kwargs={"spec_json": spec.model_dump_json(), "tok_ref": ray.put(inputs.tokenizer_files)},
+        batch_size=options.batch_size,
+        batch_format="pyarrow",
+    )
+    tables, done, started, last = [], 0, time.monotonic(), 0.0
+    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        tables.append(table)
+        done += table.num_rows
+        if (now := time.monotonic()) - last >= PROGRESS_EVERY_S:
+            log.info("prepare: processed %d rows (%.0f rows/s)", done, done / max(now - started, 1e-9))
+            last = now
+    log.info("prepare: processed %d rows in %.1fs", done, time.monotonic() - started)
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        raise SpecError(["sources: the files hold no rows"])
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return table.sort_by([("source", "ascending"), ("path", "ascending"), ("line", "ascending")])
+
+
+# ---------------------------------------------------------------- driver-side global steps
+
+
+def limit_samples(spec: DatasetSpec, rows: pa.Table) -> tuple[pa.Table, dict[int, int]]:
+    """Keep the first `max_samples` rows of each source (in file and line order)."""
+    sources = np.asarray(rows.column("source"))
+    keep = np.ones(len(sources), dtype=bool)
+    skipped = {}
+    for i, source in enumerate(spec.sources):
+        idx = np.flatnonzero(sources == i)
+        if source.max_samples is not None and len(idx) > source.max_samples:
+            keep[idx[source.max_samples:]] = False
+            skipped[i] = int(len(idx) - source.max_samples)
+    return rows.filter(pa.array(keep)), skipped
+
+
+@dataclass
+class Selection:
+    rejects: list[dict[str, Any]]  # {"uid", "reason", "detail"}; uid = row index in `rows`
+    samples: dict[str, list[tuple[np.ndarray, np.ndarray]]]  # split -> (input_ids, labels), copies included
+    accepted: int = 0
+    truncated: int = 0
+
+
+def select_samples(spec: DatasetSpec, rows: pa.Table) -> Selection:
+    """Rejects, then de-duplication, sampling weights and the split, in row order (deterministic)."""
+    sel = Selection([], {s: [] for s in SPLITS})
+    ids_col, labels_col = rows.column("input_ids").combine_chunks(), rows.column("labels").combine_chunks()
+    ids_values, offsets = ids_col.values.to_numpy(), ids_col.offsets.to_numpy()
+    labels_values = labels_col.values.to_numpy()
+    seen: dict[str, int] = {}
+    columns = (rows.column(c).to_pylist() for c in ("source", "key", "reason", "detail", "truncated", "path", "line"))
+    for uid, (src, key, reason, detail, truncated, path, line) in enumerate(zip(*columns, strict=True)):
+        if reason != OK:
+            sel.rejects.append({"uid": uid, "reason": reason, "detail": detail})
+            continue
+        if spec.dedup is Dedup.EXACT:
+            if key in seen:
+                sel.rejects.append({"uid": uid, "reason": "duplicate", "detail": f"same as {seen[key]}"})
+                continue
+            seen[key] = f"{path}:{line}"
+        weight = spec.sources[src].weight
+        copies = int(weight) + (unit_interval(spec.seed, "weight", key) < weight - int(weight))
+        if copies == 0:
+            sel.rejects.append({"uid": uid, "reason": "downsampled", "detail": f"weight {weight}"})
+            continue
+        # Split by conversation, so copies of a row never straddle train and val.
+        split = "val" if unit_interval(spec.seed, "split", key) < spec.val_ratio else "train"
+        lo, hi = offsets[uid], offsets[uid + 1]
+        sel.samples[split].extend([(ids_values[lo:hi], labels_values[lo:hi])] * copies)
+        sel.accepted += 1
+        sel.truncated += bool(truncated)
+    return sel
+
+
+def pack_split(samples: list[tuple[np.ndarray, np.ndarray]], spec: DatasetSpec) -> list[dict[str, np.ndarray]]:
+    lengths = [len(ids) for ids, _ in samples]
+    bins = bfd_bins(lengths, spec.max_seq_length) if spec.packing is Packing.BFD else single_bins(len(samples))
+    return [pack_row([samples[i] for i in b]) for b in bins]
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_split(fs: Any, base: str, split: str, packed: list[dict[str, np.ndarray]], rows_per_file: int) -> list[str]:
+    written = []
+    for n, start in enumerate(range(0, len(packed), rows_per_file)):
+        chunk = packed[start:start + rows_per_file]
+        table = pa.table({col: _list_array([r[col] for r in chunk]) for col in TOKEN_COLUMNS})
+        name = f"{split}/part-{n:05d}.parquet"
+        fs.create_dir(posixpath.join(base, split), recursive=True)
+        pq.write_table(table, posixpath.join(base, name), filesystem=fs)
+        written.append(name)
+    return written
+
+
+def write_rejects(fs: Any, base: str, rejects: list[dict[str, Any]]) -> None:
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+    storage.write_bytes(fs, posixpath.join(base, "rejects", "rejects.jsonl"), body.encode())
+
+
+# ---------------------------------------------------------------- the job
+
+
+def prepare(spec: DatasetSpec, options: Options = Options()) -> dict[str, Any]:
+    """Run stage 1 end to end and return the manifest (also written to `output/manifest.json`)."""
+    inputs = resolve_inputs(spec)
+    ray_runtime.init(options.num_cpus)
+    started = time.monotonic()
+
+    rows, skipped = limit_samples(spec, read_and_tokenize(spec, inputs, options))
+    sel = select_samples(spec, rows)
+    rejected = Counter(r["reason"] for r in sel.rejects)
+    if sel.accepted + len(sel.rejects) != rows.num_rows:
+        raise RuntimeError(f"row accounting broken: {sel.accepted} accepted + {len(sel.rejects)} rejected "
+                           f"!= {rows.num_rows} read")
+
+    fs, base = storage.filesystem(spec.output)
+    for sub in (*SPLITS, "rejects"):
+        storage.clear_dir(fs, posixpath.join(base, sub))
+    write_rejects(fs, base, _reject_records(spec, rows, sel.rejects))
+
+    invalid = mf.invalid_count(rejected)
+    failed = invalid > spec.max_reject_ratio * rows.num_rows
+    packed = {s: [] if failed else pack_split(sel.samples[s], spec) for s in SPLITS}
+    files = [] if failed else [f for s in SPLITS for f in write_split(fs, base, s, packed[s], options.rows_per_file)]
+
+    manifest = _manifest(spec, inputs, rows.num_rows, skipped, sel, rejected, packed, files,
+                         "failed" if failed else "succeeded", time.monotonic() - started)
+    if not failed:
+        examples = [mf.mark_trained(inputs.tokenizer, ids, labels) for ids, labels in _showcase(sel)]
+        storage.write_bytes(fs, posixpath.join(base, "DATA_CARD.md"), mf.data_card(manifest, examples).encode())
+    # The manifest is written last: its presence marks a complete output.
+    storage.write_bytes(fs, posixpath.join(base, "manifest.json"), json.dumps(manifest, indent=2).encode())
+    if failed:
+        invalid_reasons = Counter({r: n for r, n in rejected.items() if r not in mf.POLICY_REASONS})
+        raise RejectRatioExceeded(
+            f"{invalid} of {rows.num_rows} rows invalid ({invalid / rows.num_rows:.1%}) > max_reject_ratio "
+            f"{spec.max_reject_ratio:.1%}. Top reasons: {mf.top_reasons(invalid_reasons)}. "
+            f"Every rejected row is in {spec.output.rstrip('/')}/rejects/rejects.jsonl; "
+            "fix the data or raise max_reject_ratio.")
+    log.info("prepare: done in %.1fs", time.monotonic() - started)
+    return manifest
+
+
+def _showcase(sel: Selection) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Two samples for the data card: those with the most trained runs (multi-turn shows best)."""
+    pool = (sel.samples["train"] + sel.samples["val"])[:2000]
+    def turns(sample):
+        trained = sample[1] != -100
+        return int((trained[1:] & ~trained[:-1]).sum())
+    return sorted(pool, key=lambda s: (-turns(s), len(s[0])))[:2]
+
+
+def _reject_records(spec: DatasetSpec, rows: pa.Table, rejects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in sorted(rejects, key=lambda r: r["uid"]):
+        uid = r["uid"]
+        source = rows["source"][uid].as_py()
+        out.append({"source": spec.sources[source].uri, "path": rows["path"][uid].as_py(),
+                    "line": rows["line"][uid].as_py(), "reason": r["reason"], "detail": r["detail"],
+                    "raw": rows["raw"][uid].as_py()})
+    return out
+
+
+def _manifest(spec, inputs, rows_read, skipped, sel, rejected, packed, files, status, seconds) -> dict[str, Any]:
+    all_tokens = {s: int(sum(len(r["input_ids"]) for r in packed[s])) for s in SPLITS}
+    trainable = {s: int(sum(int((r["labels"] != -100).sum()) for r in packed[s])) for s in SPLITS}
+    zero_rows = sum(1 for s in SPLITS for r in packed[s] if not (r["labels"] != -100).any())
+    row_lengths = [len(r["input_ids"]) for s in SPLITS for r in packed[s]]
+    template_name = "custom" if spec.template_is_custom else TemplateName(spec.template).value
+    return {
+        "format_version": 1,
+        "status": status,
+        "name": spec.name,
+        "output": spec.output,
+        "spec": spec.model_dump(mode="json"),
+        "spec_hash": spec.spec_hash(),
+        "tokenizer": {"uri": spec.tokenizer, "sha256": tokenizer_files.sha256(inputs.tokenizer_files),
+                      "vocab_size": len(inputs.tokenizer), "eos_token": inputs.tokenizer.eos_token,
+                      "pad_token": inputs.tokenizer.pad_token},
+        "template": {"name": template_name, "eot": inputs.eot},
+        "counts": {
+            "rows_read": rows_read,
+            "rows_beyond_max_samples": {spec.sources[i].uri: n for i, n in skipped.items()},
+            "accepted": sel.accepted,
+            "rejected": dict(sorted(rejected.items())),
+            "rejected_total": sum(rejected.values()),
+            "invalid": mf.invalid_count(rejected),
+            "duplicates": rejected.get("duplicate", 0),
+            "truncated": sel.truncated,
+            "dropped": sum(n for r, n in rejected.items() if r.startswith(("too_long", "no_trainable"))),
+            "samples": {s: len(sel.samples[s]) for s in SPLITS},
+        },
+        "tokens": {"all": sum(all_tokens.values()), "trainable": sum(trainable.values()),
+                   "by_split": {s: {"all": all_tokens[s], "trainable": trainable[s]} for s in SPLITS}},
+        "zero_trainable_rows": zero_rows,
+        "sample_length": mf.percentiles([len(ids) for s in SPLITS for ids, _ in sel.samples[s]]),
+        "packing": {"mode": spec.packing.value, "max_seq_length": spec.max_seq_length,
+                    "rows": {s: len(packed[s]) for s in SPLITS},
+                    "efficiency": fill_ratio(row_lengths, spec.max_seq_length)},
+        "files": files,
+        "columns": list(TOKEN_COLUMNS),
+        "seconds": round(seconds, 2),
+        "library_versions": mf.library_versions(),
+        "created_at": mf.created_at(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", required=True, help="dataset spec: a YAML/JSON file or inline JSON")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
+    parser.add_argument("--batch-size", type=int, default=Options.batch_size, help="rows per tokenizer call")
+    parser.add_argument("--blocks", type=int, default=None, help="repartition parsed rows into N blocks before tokenizing")
+    parser.add_argument("--rows-per-file", type=int, default=Options.rows_per_file, help="Parquet rows per file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    options = Options(args.num_cpus, args.batch_size, args.blocks, args.rows_per_file)
+    try:
+        spec = load_spec(args.spec)
+        manifest = prepare(spec, options)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RejectRatioExceeded as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(mf.summary(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The dataset spec: the one contract shared by the REST API, the CLI and the job entrypoints.
+
+Every field is documented; unknown keys are errors (``extra="forbid"``) so a typo never turns into
+a silently ignored option. ``load_spec`` accepts a YAML/JSON file or an inline JSON string and
+reports every problem at once, each with its field path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ALLOWED_URI_SCHEMES = ("s3://", "gs://")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; ``problems`` holds one ``path: message`` line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid spec:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+
+
+class SourceFormat(StrEnum):
+    """How the rows of a source are laid out."""
+
+    AUTO = "auto"  # detected per row from its keys
+    ALPACA = "alpaca"  # instruction / input / output (/ system)
+    SHAREGPT = "sharegpt"  # conversations: [{from: human|gpt|system, value}]
+    MESSAGES = "messages"  # OpenAI chat: messages: [{role, content}]
+    QA = "qa"  # question / answer (/ source)
+    PROMPT_RESPONSE = "prompt_response"  # any two keys named in `fields`
+    TEXT = "text"  # plain text, trained on every token
+
+
+class TemplateName(StrEnum):
+    """Built-in chat templates; `tokenizer` uses the tokenizer's own `chat_template`."""
+
+    CHATML = "chatml"
+    ALPACA = "alpaca"
+    INSTRUCT = "instruct"
+    CHAT = "chat"
+    TOKENIZER = "tokenizer"
+
+
+class Truncation(StrEnum):
+    DROP = "drop"  # rows longer than max_seq_length are rejected as `too_long`
+    TRUNCATE = "truncate"  # cut at max_seq_length; rejected if no trainable token survives
+
+
+class TrainOn(StrEnum):
+    ASSISTANT = "assistant"  # every assistant turn, each with its end-of-turn token
+    LAST_ASSISTANT = "last_assistant"  # only the final assistant turn
+    ALL = "all"  # every token of the rendered conversation
+
+
+class Packing(StrEnum):
+    NONE = "none"  # one conversation per row
+    BFD = "bfd"  # best-fit-decreasing over the whole split into rows of max_seq_length
+
+
+class Dedup(StrEnum):
+    NONE = "none"
+    EXACT = "exact"  # hash of the normalised conversation (case and whitespace folded)
+
+
+def _check_uri(uri: str) -> str:
+    if "://" in uri and not uri.startswith(ALLOWED_URI_SCHEMES):
+        raise ValueError(
+            f"unsupported URI {uri!r}: use a local path, s3://bucket/key or gs://bucket/key"
+        )
+    if not uri.strip():
+        raise ValueError("must not be empty")
+    return uri
+
+
+Uri = Annotated[str, Field(min_length=1)]
+
+
+class FieldMap(_Model):
+    """Renames: the key in your rows that holds each canonical field. Unset means the format's default."""
+
+    prompt: str | None = Field(None, description="User prompt (alpaca `instruction`, qa `question`).")
+    input: str | None = Field(None, description="Extra context appended to the prompt (alpaca `input`).")
+    response: str | None = Field(None, description="Assistant reply (alpaca `output`, qa `answer`).")
+    system: str | None = Field(None, description="System prompt.")
+    messages: str | None = Field(
+        None, description="List of turns (sharegpt `conversations`, messages `messages`)."
+    )
+    text: str | None = Field(None, description="Plain text for the `text` format.")
+
+
+class Source(_Model):
+    """One input: every row of every file it names becomes one conversation (or one reject)."""
+
+    uri: Uri = Field(description="Local path or glob, s3://bucket/key (or prefix/glob), gs://bucket/key.")
+    format: SourceFormat = Field(SourceFormat.AUTO, description="Row layout; `auto` detects it per row.")
+    fields: FieldMap = Field(default_factory=FieldMap, description="Optional key renames.")
+    weight: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Sampling factor: 2.0 emits each accepted row twice, 0.5 keeps a "
+        "deterministic half (the rest are counted as `downsampled`).",
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="Read at most this many rows from the source (in file order)."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_scheme(cls, v: str) -> str:
+        return _check_uri(v)
+
+    @model_validator(mode="after")
+    def _prompt_response_needs_fields(self) -> Source:
+        if self.format is SourceFormat.PROMPT_RESPONSE and not (
+            self.fields.prompt and self.fields.response
+        ):
+            raise ValueError(
+                "format prompt_response needs fields.prompt and fields.response "
+                "(e.g. fields: {prompt: query, response: reply})"
+            )
+        return self
+
+
+class Filters(_Model):
+    """Row filters; a row that fails one is rejected with the filter's name as its reason."""
+
+    min_prompt_chars: int = Field(0, ge=0, description="Minimum characters of user+system text.")
+    max_prompt_chars: int | None = Field(None, ge=1, description="Maximum characters of user+system text.")
+    min_response_chars: int = Field(0, ge=0, description="Minimum characters of assistant text.")
+    max_response_chars: int | None = Field(None, ge=1, description="Maximum characters of assistant text.")
+    drop_urls: bool = Field(False, description="Reject rows containing http(s):// or www. links.")
+    drop_code_blocks: bool = Field(False, description="Reject rows containing ``` fenced code.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Filters:
+        problems = []
+        if self.max_prompt_chars is not None and self.max_prompt_chars < self.min_prompt_chars:
+            problems.append("max_prompt_chars must be >= min_prompt_chars")
+        if self.max_response_chars is not None and self.max_response_chars < self.min_response_chars:
+            problems.append("max_response_chars must be >= min_response_chars")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class DatasetSpec(_Model):
+    """What `jobs.prepare` reads, how it renders and tokenizes it, and where it writes."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="Dataset name: letters, digits, `.`, `_`, `-`.")
+    sources: list[Source] = Field(min_length=1, description="One or more inputs.")
+    tokenizer: Uri = Field(description="HF tokenizer directory (local path or s3://).")
+    template: TemplateName | str = Field(
+        TemplateName.CHATML,
+        description="chatml | alpaca | instruct | chat | tokenizer (its own chat_template) "
+        "| a custom Jinja chat template string.",
+    )
+    eot_token: str | None = Field(
+        None,
+        description="End-of-turn text closing each assistant reply, trained with it. "
+        "Built-in templates know theirs; for `tokenizer`/custom templates it defaults to the "
+        "tokenizer's eos_token.",
+    )
+    max_seq_length: int = Field(1024, ge=16, le=1_048_576, description="Tokens per sample and per packed row.")
+    truncation: Truncation = Field(Truncation.DROP, description="What to do with over-long rows.")
+    train_on: TrainOn = Field(TrainOn.ASSISTANT, description="Which tokens carry loss.")
+    packing: Packing = Field(Packing.BFD, description="How samples are laid into rows.")
+    filters: Filters = Field(default_factory=Filters, description="Row filters.")
+    dedup: Dedup = Field(Dedup.EXACT, description="De-duplication mode.")
+    val_ratio: float = Field(0.05, ge=0, lt=1, description="Share of conversations in `val/` (hash-based).")
+    seed: int = Field(42, description="Seed of the split and of fractional sampling weights.")
+    max_reject_ratio: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Fail if invalid rows / rows read exceeds this (duplicates and downsampling "
+        "are not counted as invalid).",
+    )
+    output: Uri = Field(description="Output directory (local path or s3://).")
+
+    @field_validator("tokenizer", "output")
+    @classmethod
+    def _uri_scheme(cls, v: str) -> str:
+        return _check_uri(v)
+
+    @field_validator("template", mode="before")
+    @classmethod
+    def _template(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        if v in {t.value for t in TemplateName}:
+            return TemplateName(v)  # a plain str would win the union otherwise
+        if "{{" not in v and "{%" not in v:
+            names = " | ".join(t.value for t in TemplateName)
+            raise ValueError(f"unknown template {v!r}: use one of {names}, or a Jinja string")
+        return v
+
+    @property
+    def template_is_custom(self) -> bool:
+        return not isinstance(self.template, TemplateName)
+
+    def spec_hash(self) -> str:
+        """SHA-256 of the canonical JSON form: equal specs hash equal whatever their file layout."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<spec>"
+        msg = e["msg"].removeprefix("Value error, ")
+        problems.append(f"{path}: {msg}")
+    return problems
+
+
+def parse_spec_text(text: str, source: str = "<inline>") -> dict[str, Any]:
+    """YAML (a superset of JSON) safe-loaded into a mapping."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError([f"{source}: not valid YAML/JSON: {e}"]) from e
+    if not isinstance(data, dict):
+        raise SpecError([f"{source}: the spec must be a mapping of fields, got {type(data).__name__}"])
+    return data
+
+
+def load_spec(spec: str | Path | dict[str, Any]) -> DatasetSpec:
+    """Build a spec from a mapping, a file path, or an inline JSON/YAML string."""
+    if isinstance(spec, dict):
+        data = spec
+    else:
+        text = str(spec)
+        path = Path(text)
+        if not text.lstrip().startswith("{") and path.is_file():
+            data = parse_spec_text(path.read_text(), str(path))
+        elif text.lstrip().startswith("{"):
+            data = parse_spec_text(text)
+        else:
+            raise SpecError([f"<spec>: {text!r} is neither a readable file nor inline JSON"])
+    try:
+        return DatasetSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_errors(e)) from None
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and issubclass(annotation, StrEnum):
+        return " \\| ".join(m.value for m in annotation)
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return re.sub(r"\b(?:[\w]+\.)+(\w+)", r"\1", str(annotation)).replace("|", "\\|")
+
+
+def reference_markdown() -> str:
+    """The field reference of every spec model, generated from the models themselves."""
+    out = []
+    for model in (DatasetSpec, Source, FieldMap, Filters):
+        out += [f"### `{model.__name__}`", "", (model.__doc__ or "").strip(), "",
+                "| field | type | default | description |", "|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            kind = _type_name(field.annotation)
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                default = f"`{field.default_factory.__name__}()`"
+            else:
+                default = f"`{getattr(field.default, 'value', field.default)}`"
+            out.append(f"| `{name}` | `{kind}` | {default} | {(field.description or '').replace('|', chr(92) + '|')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

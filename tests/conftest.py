@@ -1,0 +1,51 @@
+"""Shared fixtures: a scaffold model directory (no hub) and its tokenizer, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import scaffold_model, tokenizer_files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-model")
+    scaffold_model.scaffold(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    return tokenizer_files.load(tokenizer_files.fetch(str(tiny_model)))
+
+
+@pytest.fixture(scope="session")
+def demo_spec(tiny_model):
+    """configs/datasets/demo.yaml with absolute source paths, the scaffold tokenizer and a given output."""
+
+    def make(output, **overrides) -> dict:
+        spec = yaml.safe_load((REPO / "configs/datasets/demo.yaml").read_text())
+        for source in spec["sources"]:
+            source["uri"] = str(REPO / source["uri"])
+        return spec | {"tokenizer": str(tiny_model), "output": str(output)} | overrides
+
+    return make
