@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -144,7 +145,7 @@ def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
 def read_and_tokenize(spec: DatasetSpec, inputs: Inputs, options: Options) -> pa.Table:
     """One streaming pass: read files (tasks) -> parse rows -> render + tokenize + mask (actors).
 
-    Returns every row read, ordered by (source, file, line), with its tokens or reject reason."""
+    Returns every row read, in no particular order, with its tokens or reject reason."""
     datasets = []
     for i, (source, (fs, paths)) in enumerate(zip(spec.sources, inputs.files, strict=True)):
         def parse(row: dict[str, Any], i=i, source=source) -> list[dict[str, Any]]:
@@ -176,43 +177,52 @@ def read_and_tokenize(spec: DatasetSpec, inputs: Inputs, options: Options) -> pa
     tables = [t for t in tables if t.num_rows]
     if not tables:
         raise SpecError(["sources: the files hold no rows"])
-    table = pa.concat_tables(tables, promote_options="permissive")
-    return table.sort_by([("source", "ascending"), ("path", "ascending"), ("line", "ascending")])
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def row_order(rows: pa.Table) -> np.ndarray:
+    """Row indices in (source, file, line) order: every global decision walks rows in this order.
+
+    Sorting indices rather than the table avoids moving the token lists around."""
+    keys = [("source", "ascending"), ("path", "ascending"), ("line", "ascending")]
+    return pc.sort_indices(rows.select(["source", "path", "line"]), sort_keys=keys).to_numpy()
 
 
 # ---------------------------------------------------------------- driver-side global steps
 
 
-def limit_samples(spec: DatasetSpec, rows: pa.Table) -> tuple[pa.Table, dict[int, int]]:
+def limit_samples(spec: DatasetSpec, rows: pa.Table, order: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
     """Keep the first `max_samples` rows of each source (in file and line order)."""
-    sources = np.asarray(rows.column("source"))
-    keep = np.ones(len(sources), dtype=bool)
+    sources = rows.column("source").to_numpy()[order]
+    keep = np.ones(len(order), dtype=bool)
     skipped = {}
     for i, source in enumerate(spec.sources):
         idx = np.flatnonzero(sources == i)
         if source.max_samples is not None and len(idx) > source.max_samples:
             keep[idx[source.max_samples:]] = False
             skipped[i] = int(len(idx) - source.max_samples)
-    return rows.filter(pa.array(keep)), skipped
+    return order[keep], skipped
 
 
 @dataclass
 class Selection:
-    rejects: list[dict[str, Any]]  # {"uid", "reason", "detail"}; uid = row index in `rows`
+    rejects: list[dict[str, Any]]  # {"uid", "reason", "detail"} in row order; uid = index in `rows`
     samples: dict[str, list[tuple[np.ndarray, np.ndarray]]]  # split -> (input_ids, labels), copies included
     accepted: int = 0
     truncated: int = 0
 
 
-def select_samples(spec: DatasetSpec, rows: pa.Table) -> Selection:
+def select_samples(spec: DatasetSpec, rows: pa.Table, order: np.ndarray) -> Selection:
     """Rejects, then de-duplication, sampling weights and the split, in row order (deterministic)."""
     sel = Selection([], {s: [] for s in SPLITS})
     ids_col, labels_col = rows.column("input_ids").combine_chunks(), rows.column("labels").combine_chunks()
     ids_values, offsets = ids_col.values.to_numpy(), ids_col.offsets.to_numpy()
     labels_values = labels_col.values.to_numpy()
     seen: dict[str, int] = {}
-    columns = (rows.column(c).to_pylist() for c in ("source", "key", "reason", "detail", "truncated", "path", "line"))
-    for uid, (src, key, reason, detail, truncated, path, line) in enumerate(zip(*columns, strict=True)):
+    source_, key_, reason_, detail_, truncated_, path_, line_ = (
+        rows.column(c).to_pylist() for c in ("source", "key", "reason", "detail", "truncated", "path", "line"))
+    for uid in order.tolist():
+        src, key, reason, detail = source_[uid], key_[uid], reason_[uid], detail_[uid]
         if reason != OK:
             sel.rejects.append({"uid": uid, "reason": reason, "detail": detail})
             continue
@@ -220,7 +230,7 @@ def select_samples(spec: DatasetSpec, rows: pa.Table) -> Selection:
             if key in seen:
                 sel.rejects.append({"uid": uid, "reason": "duplicate", "detail": f"same as {seen[key]}"})
                 continue
-            seen[key] = f"{path}:{line}"
+            seen[key] = f"{path_[uid]}:{line_[uid]}"
         weight = spec.sources[src].weight
         copies = int(weight) + (unit_interval(spec.seed, "weight", key) < weight - int(weight))
         if copies == 0:
@@ -231,7 +241,7 @@ def select_samples(spec: DatasetSpec, rows: pa.Table) -> Selection:
         lo, hi = offsets[uid], offsets[uid + 1]
         sel.samples[split].extend([(ids_values[lo:hi], labels_values[lo:hi])] * copies)
         sel.accepted += 1
-        sel.truncated += bool(truncated)
+        sel.truncated += bool(truncated_[uid])
     return sel
 
 
@@ -270,12 +280,14 @@ def prepare(spec: DatasetSpec, options: Options = Options()) -> dict[str, Any]:
     ray_runtime.init(options.num_cpus)
     started = time.monotonic()
 
-    rows, skipped = limit_samples(spec, read_and_tokenize(spec, inputs, options))
-    sel = select_samples(spec, rows)
+    rows = read_and_tokenize(spec, inputs, options)
+    order, skipped = limit_samples(spec, rows, row_order(rows))
+    sel = select_samples(spec, rows, order)
     rejected = Counter(r["reason"] for r in sel.rejects)
-    if sel.accepted + len(sel.rejects) != rows.num_rows:
+    rows_read = len(order)
+    if sel.accepted + len(sel.rejects) != rows_read:
         raise RuntimeError(f"row accounting broken: {sel.accepted} accepted + {len(sel.rejects)} rejected "
-                           f"!= {rows.num_rows} read")
+                           f"!= {rows_read} read")
 
     fs, base = storage.filesystem(spec.output)
     for sub in (*SPLITS, "rejects"):
@@ -283,11 +295,11 @@ def prepare(spec: DatasetSpec, options: Options = Options()) -> dict[str, Any]:
     write_rejects(fs, base, _reject_records(spec, rows, sel.rejects))
 
     invalid = mf.invalid_count(rejected)
-    failed = invalid > spec.max_reject_ratio * rows.num_rows
+    failed = invalid > spec.max_reject_ratio * rows_read
     packed = {s: [] if failed else pack_split(sel.samples[s], spec) for s in SPLITS}
     files = [] if failed else [f for s in SPLITS for f in write_split(fs, base, s, packed[s], options.rows_per_file)]
 
-    manifest = _manifest(spec, inputs, rows.num_rows, skipped, sel, rejected, packed, files,
+    manifest = _manifest(spec, inputs, rows_read, skipped, sel, rejected, packed, files,
                          "failed" if failed else "succeeded", time.monotonic() - started)
     if not failed:
         examples = [mf.mark_trained(inputs.tokenizer, ids, labels) for ids, labels in _showcase(sel)]
@@ -297,7 +309,7 @@ def prepare(spec: DatasetSpec, options: Options = Options()) -> dict[str, Any]:
     if failed:
         invalid_reasons = Counter({r: n for r, n in rejected.items() if r not in mf.POLICY_REASONS})
         raise RejectRatioExceeded(
-            f"{invalid} of {rows.num_rows} rows invalid ({invalid / rows.num_rows:.1%}) > max_reject_ratio "
+            f"{invalid} of {rows_read} rows invalid ({invalid / rows_read:.1%}) > max_reject_ratio "
             f"{spec.max_reject_ratio:.1%}. Top reasons: {mf.top_reasons(invalid_reasons)}. "
             f"Every rejected row is in {spec.output.rstrip('/')}/rejects/rejects.jsonl; "
             "fix the data or raise max_reject_ratio.")
@@ -316,7 +328,7 @@ def _showcase(sel: Selection) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def _reject_records(spec: DatasetSpec, rows: pa.Table, rejects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for r in sorted(rejects, key=lambda r: r["uid"]):
+    for r in rejects:  # already in (source, file, line) order
         uid = r["uid"]
         source = rows["source"][uid].as_py()
         out.append({"source": spec.sources[source].uri, "path": rows["path"][uid].as_py(),

@@ -39,13 +39,18 @@ def tokenizer(tiny_model):
 
 
 @pytest.fixture(scope="session")
-def demo_spec(tiny_model):
-    """configs/datasets/demo.yaml with absolute source paths, the scaffold tokenizer and a given output."""
+def example_spec(tiny_model):
+    """configs/datasets/NAME.yaml with absolute source paths, the scaffold tokenizer and a given output."""
 
-    def make(output, **overrides) -> dict:
-        spec = yaml.safe_load((REPO / "configs/datasets/demo.yaml").read_text())
+    def make(name, output, **overrides) -> dict:
+        spec = yaml.safe_load((REPO / f"configs/datasets/{name}.yaml").read_text())
         for source in spec["sources"]:
             source["uri"] = str(REPO / source["uri"])
         return spec | {"tokenizer": str(tiny_model), "output": str(output)} | overrides
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_spec(example_spec):
+    return lambda output, **overrides: example_spec("demo", output, **overrides)

@@ -197,3 +197,17 @@ def test_s3_sources_tokenizer_and_output(s3_server, reference_run, demo_spec, ti
         assert remote.select(TOKEN_COLUMNS).equals(read_split(reference_run, split).select(TOKEN_COLUMNS))
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="sft", Prefix="prepared/demo/")["Contents"]}
     assert {"prepared/demo/DATA_CARD.md", "prepared/demo/rejects/rejects.jsonl"} <= keys
+
+
+@pytest.mark.parametrize("name", ["alpaca-chatml", "multiturn-own-template"])
+def test_example_configs_run(ray_cluster, example_spec, tmp_path, name):
+    spec = load_spec(example_spec(name, tmp_path / "out"))
+    manifest = prep.prepare(spec)
+    c = manifest["counts"]
+    assert manifest["status"] == "succeeded" and manifest["zero_trainable_rows"] == 0
+    assert c["accepted"] + c["rejected_total"] == c["rows_read"] > 0
+    train = read_split(tmp_path / "out", "train")
+    assert check_rows(train, spec.max_seq_length) == c["samples"]["train"]
+    if spec.packing.value == "none":
+        assert all(len(lens) == 1 for lens in train["seq_lens"].to_pylist())
+        assert c["truncated"] > 0  # 256 tokens cut some long multi-turn chats
