@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(PY) -m jobs.prepare --spec configs/datasets/demo.yaml
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check jobs tests benchmarks
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP)

@@ -9,8 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from jobs import tokenizer_files
+from jobs.packing import fill_ratio
+from jobs.spec import DatasetSpec, TemplateName
 from jobs.tokenize import IGNORE_INDEX
 
+SPLITS = ("train", "val")
+TOKEN_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lens")
 LIBRARIES = ("raysft", "ray", "transformers", "tokenizers", "pyarrow", "jinja2")
 # Rejects that are policy, not bad data: they do not count against max_reject_ratio.
 POLICY_REASONS = {"duplicate", "downsampled"}
@@ -44,6 +49,52 @@ def top_reasons(rejected: Counter, n: int = 5) -> str:
 
 def created_at() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def build(spec: DatasetSpec, inputs: Any, rows_read: int, skipped: dict[int, int], sel: Any, rejected: Counter,
+          packed: dict[str, list[dict[str, np.ndarray]]], files: list[str], status: str, seconds: float) -> dict[str, Any]:
+    """The manifest of a run: `inputs` and `sel` are `jobs.prepare`'s Inputs and Selection."""
+    all_tokens = {s: int(sum(len(r["input_ids"]) for r in packed[s])) for s in SPLITS}
+    trainable = {s: int(sum(int((r["labels"] != IGNORE_INDEX).sum()) for r in packed[s])) for s in SPLITS}
+    zero_rows = sum(1 for s in SPLITS for r in packed[s] if not (r["labels"] != IGNORE_INDEX).any())
+    row_lengths = [len(r["input_ids"]) for s in SPLITS for r in packed[s]]
+    template_name = "custom" if spec.template_is_custom else TemplateName(spec.template).value
+    return {
+        "format_version": 1,
+        "status": status,
+        "name": spec.name,
+        "output": spec.output,
+        "spec": spec.model_dump(mode="json"),
+        "spec_hash": spec.spec_hash(),
+        "tokenizer": {"uri": spec.tokenizer, "sha256": tokenizer_files.sha256(inputs.tokenizer_files),
+                      "vocab_size": len(inputs.tokenizer), "eos_token": inputs.tokenizer.eos_token,
+                      "pad_token": inputs.tokenizer.pad_token},
+        "template": {"name": template_name, "eot": inputs.eot},
+        "counts": {
+            "rows_read": rows_read,
+            "rows_beyond_max_samples": {spec.sources[i].uri: n for i, n in skipped.items()},
+            "accepted": sel.accepted,
+            "rejected": dict(sorted(rejected.items())),
+            "rejected_total": sum(rejected.values()),
+            "invalid": invalid_count(rejected),
+            "duplicates": rejected.get("duplicate", 0),
+            "truncated": sel.truncated,
+            "dropped": sum(n for r, n in rejected.items() if r.startswith(("too_long", "no_trainable"))),
+            "samples": {s: len(sel.samples[s]) for s in SPLITS},
+        },
+        "tokens": {"all": sum(all_tokens.values()), "trainable": sum(trainable.values()),
+                   "by_split": {s: {"all": all_tokens[s], "trainable": trainable[s]} for s in SPLITS}},
+        "zero_trainable_rows": zero_rows,
+        "sample_length": percentiles([len(ids) for s in SPLITS for ids, _ in sel.samples[s]]),
+        "packing": {"mode": spec.packing.value, "max_seq_length": spec.max_seq_length,
+                    "rows": {s: len(packed[s]) for s in SPLITS},
+                    "efficiency": fill_ratio(row_lengths, spec.max_seq_length)},
+        "files": files,
+        "columns": list(TOKEN_COLUMNS),
+        "seconds": round(seconds, 2),
+        "library_versions": library_versions(),
+        "created_at": created_at(),
+    }
 
 
 def mark_trained(tokenizer: Any, input_ids: np.ndarray, labels: np.ndarray) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import posixpath
 import sys
 import time
@@ -32,13 +33,12 @@ import ray
 from jobs import manifest as mf
 from jobs import ray_runtime, storage, tokenizer_files
 from jobs.filters import unit_interval
-from jobs.packing import bfd_bins, fill_ratio, pack_row, single_bins
-from jobs.spec import DatasetSpec, Dedup, Packing, SpecError, TemplateName, load_spec
+from jobs.manifest import SPLITS, TOKEN_COLUMNS
+from jobs.packing import bfd_bins, pack_row, single_bins
+from jobs.spec import DatasetSpec, Dedup, Packing, SpecError, load_spec
 from jobs.stages import OK, RenderTokenize, parse_file
 
 log = logging.getLogger("raysft.prepare")
-SPLITS = ("train", "val")
-TOKEN_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lens")
 PROGRESS_EVERY_S = 2.0
 
 
@@ -108,6 +108,8 @@ _STAGES: dict[tuple[str, str], RenderTokenize] = {}
 def _stage(spec_json: str, tok_ref: ray.ObjectRef) -> RenderTokenize:
     key = (spec_json, tok_ref.hex())
     if key not in _STAGES:
+        # Ray already runs one tokenizing task per CPU: Rust-side threads would only contend.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         _STAGES.clear()
         _STAGES[key] = RenderTokenize(DatasetSpec.model_validate_json(spec_json), tokenizer_files.load(ray.get(tok_ref)))
     return _STAGES[key]
@@ -299,7 +301,7 @@ def prepare(spec: DatasetSpec, options: Options = Options()) -> dict[str, Any]:
     packed = {s: [] if failed else pack_split(sel.samples[s], spec) for s in SPLITS}
     files = [] if failed else [f for s in SPLITS for f in write_split(fs, base, s, packed[s], options.rows_per_file)]
 
-    manifest = _manifest(spec, inputs, rows_read, skipped, sel, rejected, packed, files,
+    manifest = mf.build(spec, inputs, rows_read, skipped, sel, rejected, packed, files,
                          "failed" if failed else "succeeded", time.monotonic() - started)
     if not failed:
         examples = [mf.mark_trained(inputs.tokenizer, ids, labels) for ids, labels in _showcase(sel)]
@@ -335,50 +337,6 @@ def _reject_records(spec: DatasetSpec, rows: pa.Table, rejects: list[dict[str, A
                     "line": rows["line"][uid].as_py(), "reason": r["reason"], "detail": r["detail"],
                     "raw": rows["raw"][uid].as_py()})
     return out
-
-
-def _manifest(spec, inputs, rows_read, skipped, sel, rejected, packed, files, status, seconds) -> dict[str, Any]:
-    all_tokens = {s: int(sum(len(r["input_ids"]) for r in packed[s])) for s in SPLITS}
-    trainable = {s: int(sum(int((r["labels"] != -100).sum()) for r in packed[s])) for s in SPLITS}
-    zero_rows = sum(1 for s in SPLITS for r in packed[s] if not (r["labels"] != -100).any())
-    row_lengths = [len(r["input_ids"]) for s in SPLITS for r in packed[s]]
-    template_name = "custom" if spec.template_is_custom else TemplateName(spec.template).value
-    return {
-        "format_version": 1,
-        "status": status,
-        "name": spec.name,
-        "output": spec.output,
-        "spec": spec.model_dump(mode="json"),
-        "spec_hash": spec.spec_hash(),
-        "tokenizer": {"uri": spec.tokenizer, "sha256": tokenizer_files.sha256(inputs.tokenizer_files),
-                      "vocab_size": len(inputs.tokenizer), "eos_token": inputs.tokenizer.eos_token,
-                      "pad_token": inputs.tokenizer.pad_token},
-        "template": {"name": template_name, "eot": inputs.eot},
-        "counts": {
-            "rows_read": rows_read,
-            "rows_beyond_max_samples": {spec.sources[i].uri: n for i, n in skipped.items()},
-            "accepted": sel.accepted,
-            "rejected": dict(sorted(rejected.items())),
-            "rejected_total": sum(rejected.values()),
-            "invalid": mf.invalid_count(rejected),
-            "duplicates": rejected.get("duplicate", 0),
-            "truncated": sel.truncated,
-            "dropped": sum(n for r, n in rejected.items() if r.startswith(("too_long", "no_trainable"))),
-            "samples": {s: len(sel.samples[s]) for s in SPLITS},
-        },
-        "tokens": {"all": sum(all_tokens.values()), "trainable": sum(trainable.values()),
-                   "by_split": {s: {"all": all_tokens[s], "trainable": trainable[s]} for s in SPLITS}},
-        "zero_trainable_rows": zero_rows,
-        "sample_length": mf.percentiles([len(ids) for s in SPLITS for ids, _ in sel.samples[s]]),
-        "packing": {"mode": spec.packing.value, "max_seq_length": spec.max_seq_length,
-                    "rows": {s: len(packed[s]) for s in SPLITS},
-                    "efficiency": fill_ratio(row_lengths, spec.max_seq_length)},
-        "files": files,
-        "columns": list(TOKEN_COLUMNS),
-        "seconds": round(seconds, 2),
-        "library_versions": mf.library_versions(),
-        "created_at": mf.created_at(),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
-import shutil
 import subprocess
 import sys
 import tempfile

@@ -24,7 +24,7 @@ def test_json_array_and_json_lines_named_json():
 
 
 def test_csv_quoting_bad_rows_and_bad_bytes():
-    data = 'question,answer\n"Why, though?","Because ""quotes"" work"\nonly-one-column\n'.encode()
+    data = b'question,answer\n"Why, though?","Because ""quotes"" work"\nonly-one-column\n'
     data += b"\xffbad,row\n" + b"last,one\n"
     rows = list(split_rows("f.csv", data))
     good = [r.record for r in rows if r.record]
