@@ -132,12 +132,12 @@ def tokenize_batch(batch: pa.Table, spec_json: str, tok_ref: ray.ObjectRef) -> p
     return batch.drop_columns(["messages", "reason", "detail"]).append_column(
         "reason", pa.array(reasons, pa.string())).append_column(
         "detail", pa.array(details, pa.string())).append_column(
-        "input_ids", _list_array(ids)).append_column(
-        "labels", _list_array(labels)).append_column(
+        "input_ids", list_array(ids)).append_column(
+        "labels", list_array(labels)).append_column(
         "truncated", pa.array(truncated, pa.bool_()))
 
 
-def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
+def list_array(arrays: list[np.ndarray]) -> pa.ListArray:
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum([len(a) for a in arrays], out=offsets[1:])
     values = np.concatenate(arrays) if arrays else np.empty(0, np.int32)
@@ -260,7 +260,7 @@ def write_split(fs: Any, base: str, split: str, packed: list[dict[str, np.ndarra
     written = []
     for n, start in enumerate(range(0, len(packed), rows_per_file)):
         chunk = packed[start:start + rows_per_file]
-        table = pa.table({col: _list_array([r[col] for r in chunk]) for col in TOKEN_COLUMNS})
+        table = pa.table({col: list_array([r[col] for r in chunk]) for col in TOKEN_COLUMNS})
         name = f"{split}/part-{n:05d}.parquet"
         fs.create_dir(posixpath.join(base, split), recursive=True)
         pq.write_table(table, posixpath.join(base, name), filesystem=fs)
