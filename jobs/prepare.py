@@ -137,15 +137,18 @@ def tokenize_batch(batch: pa.Table, spec_json: str, tok_ref: ray.ObjectRef) -> p
         "truncated", pa.array(truncated, pa.bool_()))
 
 
-def list_array(arrays: list[np.ndarray]) -> pa.ListArray:
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+def list_array(arrays: list[np.ndarray]) -> pa.Array:
+    """int32 arrays as one Arrow list column, built from offsets without a per-element loop."""
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
     np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.empty(0, np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32, copy=False)))
+    values = pa.array((np.concatenate(arrays) if arrays else np.empty(0)).astype(np.int32, copy=False))
+    if offsets[-1] < 2**31:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), values)  # past 2^31 values in one column
 
 
 def read_and_tokenize(spec: DatasetSpec, inputs: Inputs, options: Options) -> pa.Table:
-    """One streaming pass: read files (tasks) -> parse rows -> render + tokenize + mask (actors).
+    """One streaming pass: read and parse each file (a task per file) -> render + tokenize + mask.
 
     Returns every row read, in no particular order, with its tokens or reject reason."""
     datasets = []
@@ -155,8 +158,8 @@ def read_and_tokenize(spec: DatasetSpec, inputs: Inputs, options: Options) -> pa
 
         datasets.append(ray.data.read_binary_files(paths, filesystem=fs, include_paths=True).flat_map(parse))
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    # Read, parse and tokenize fuse into one task per file. With fewer files than CPUs, split
-    # the parsed rows so every CPU gets work.
+    # A file is read and parsed by one task, then tokenized in batches. With fewer files than
+    # CPUs, split the parsed rows so every CPU gets tokenizing work.
     cpus = ray_runtime.cluster_cpus()
     n_files = sum(len(paths) for _, paths in inputs.files)
     blocks = options.blocks or (2 * cpus if n_files < cpus else None)
