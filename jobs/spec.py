@@ -12,7 +12,7 @@ import json
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,8 +28,13 @@ class SpecError(ValueError):
         super().__init__("invalid spec:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-class _Model(BaseModel):
+class SpecModel(BaseModel):
+    """Base of every spec model: unknown keys are errors, defaults are validated too."""
+
     model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+
+
+_M = TypeVar("_M", bound=SpecModel)
 
 
 class SourceFormat(StrEnum):
@@ -75,7 +80,7 @@ class Dedup(StrEnum):
     EXACT = "exact"  # hash of the normalised conversation (case and whitespace folded)
 
 
-def _check_uri(uri: str) -> str:
+def check_uri(uri: str) -> str:
     if "://" in uri and not uri.startswith(ALLOWED_URI_SCHEMES):
         raise ValueError(
             f"unsupported URI {uri!r}: use a local path, s3://bucket/key or gs://bucket/key"
@@ -88,7 +93,7 @@ def _check_uri(uri: str) -> str:
 Uri = Annotated[str, Field(min_length=1)]
 
 
-class FieldMap(_Model):
+class FieldMap(SpecModel):
     """Renames: the key in your rows that holds each canonical field. Unset means the format's default."""
 
     prompt: str | None = Field(None, description="User prompt (alpaca `instruction`, qa `question`).")
@@ -101,7 +106,7 @@ class FieldMap(_Model):
     text: str | None = Field(None, description="Plain text for the `text` format.")
 
 
-class Source(_Model):
+class Source(SpecModel):
     """One input: every row of every file it names becomes one conversation (or one reject)."""
 
     uri: Uri = Field(description="Local path or glob, s3://bucket/key (or prefix/glob), gs://bucket/key.")
@@ -121,7 +126,7 @@ class Source(_Model):
     @field_validator("uri")
     @classmethod
     def _uri_scheme(cls, v: str) -> str:
-        return _check_uri(v)
+        return check_uri(v)
 
     @model_validator(mode="after")
     def _prompt_response_needs_fields(self) -> Source:
@@ -135,7 +140,7 @@ class Source(_Model):
         return self
 
 
-class Filters(_Model):
+class Filters(SpecModel):
     """Row filters; a row that fails one is rejected with the filter's name as its reason."""
 
     min_prompt_chars: int = Field(0, ge=0, description="Minimum characters of user+system text.")
@@ -157,7 +162,7 @@ class Filters(_Model):
         return self
 
 
-class DatasetSpec(_Model):
+class DatasetSpec(SpecModel):
     """What `jobs.prepare` reads, how it renders and tokenizes it, and where it writes."""
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
@@ -195,7 +200,7 @@ class DatasetSpec(_Model):
     @field_validator("tokenizer", "output")
     @classmethod
     def _uri_scheme(cls, v: str) -> str:
-        return _check_uri(v)
+        return check_uri(v)
 
     @field_validator("template", mode="before")
     @classmethod
@@ -239,23 +244,30 @@ def parse_spec_text(text: str, source: str = "<inline>") -> dict[str, Any]:
     return data
 
 
-def load_spec(spec: str | Path | dict[str, Any]) -> DatasetSpec:
-    """Build a spec from a mapping, a file path, or an inline JSON/YAML string."""
+def read_document(spec: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A spec document from a mapping, a file path, or an inline JSON/YAML string."""
     if isinstance(spec, dict):
-        data = spec
-    else:
-        text = str(spec)
-        path = Path(text)
-        if not text.lstrip().startswith("{") and path.is_file():
-            data = parse_spec_text(path.read_text(), str(path))
-        elif text.lstrip().startswith("{"):
-            data = parse_spec_text(text)
-        else:
-            raise SpecError([f"<spec>: {text!r} is neither a readable file nor inline JSON"])
+        return spec
+    text = str(spec)
+    if text.lstrip().startswith("{"):
+        return parse_spec_text(text)
+    path = Path(text)
+    if path.is_file():
+        return parse_spec_text(path.read_text(), str(path))
+    raise SpecError([f"<spec>: {text!r} is neither a readable file nor inline JSON"])
+
+
+def validate(model: type[_M], data: dict[str, Any]) -> _M:
+    """Validate a document against a spec model; every problem is reported at once."""
     try:
-        return DatasetSpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise SpecError(_format_errors(e)) from None
+
+
+def load_spec(spec: str | Path | dict[str, Any]) -> DatasetSpec:
+    """The dataset spec from a mapping, a file path, or an inline JSON/YAML string."""
+    return validate(DatasetSpec, read_document(spec))
 
 
 def _type_name(annotation: Any) -> str:
