@@ -278,10 +278,10 @@ def _type_name(annotation: Any) -> str:
     return re.sub(r"\b(?:[\w]+\.)+(\w+)", r"\1", str(annotation)).replace("|", "\\|")
 
 
-def reference_markdown() -> str:
-    """The field reference of every spec model, generated from the models themselves."""
+def reference_markdown(models: tuple[type[SpecModel], ...] | None = None) -> str:
+    """The field reference of spec models (default: the dataset spec's), generated from the models."""
     out = []
-    for model in (DatasetSpec, Source, FieldMap, Filters):
+    for model in models or (DatasetSpec, Source, FieldMap, Filters):
         out += [f"### `{model.__name__}`", "", (model.__doc__ or "").strip(), "",
                 "| field | type | default | description |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():

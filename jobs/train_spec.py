@@ -243,3 +243,12 @@ def check_datasets(spec: TrainingSpec) -> list[dict[str, Any]]:
     if problems:
         raise SpecError(problems)
     return manifests
+
+
+REFERENCE_MODELS = (TrainingSpec, ModelSpec, DatasetRef, LoraSpec, DeepSpeedStrategy, DdpStrategy, OptimSpec,
+                    BatchSpec, ScalingSpec, CheckpointSpec, EvalSpec, ExportSpec)
+
+if __name__ == "__main__":
+    from jobs.spec import reference_markdown
+
+    print(reference_markdown(REFERENCE_MODELS))

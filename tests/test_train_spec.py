@@ -74,3 +74,10 @@ def test_dataset_tokenizer_must_match_the_model(tiny_model, tmp_path):
     assert f"tokenized with tokenizer {other_sha}, but the model's tokenizer is {model_sha}" in text
     assert "datasets.2.uri: preparation" in text and "datasets.3.uri: no readable manifest.json" in text
     assert "datasets.0" not in text
+
+
+def test_docs_field_reference_matches_the_models():
+    from jobs.spec import reference_markdown
+    from jobs.train_spec import REFERENCE_MODELS
+
+    assert reference_markdown(REFERENCE_MODELS) in (REPO / "docs/training-spec.md").read_text()
