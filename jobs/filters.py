@@ -10,7 +10,6 @@ from jobs.spec import Filters
 
 URL_RE = re.compile(r"https?://|www\.[a-z0-9-]+\.[a-z]", re.IGNORECASE)
 CODE_FENCE = "```"
-_SPACE_RE = re.compile(r"\s+")
 
 
 def _chars(messages: list[Message], roles: set[str]) -> int:
@@ -41,7 +40,7 @@ def conversation_key(messages: list[Message]) -> str:
     for m in messages:
         h.update(m["role"].encode())
         h.update(b"\x1f")
-        h.update(_SPACE_RE.sub(" ", m["content"]).strip().lower().encode())
+        h.update(" ".join(m["content"].split()).lower().encode())  # split(): faster than a regex sub
         h.update(b"\x1e")
     return h.hexdigest()
 
