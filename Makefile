@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 demo: $(STAMP)
 	$(PY) -m jobs.scaffold_model $(DEMO)/tiny-model
 	$(PY) -m jobs.prepare --spec configs/datasets/demo.yaml
+	$(PY) -m jobs.train --spec configs/training/cpu-smoke.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check jobs tests benchmarks

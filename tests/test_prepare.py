@@ -155,21 +155,6 @@ def test_deterministic_across_cpus_and_block_sizes(reference_run, demo_spec, tmp
             assert left == right
 
 
-@pytest.fixture
-def s3_server(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    yield env
-    server.stop()
-
-
 def test_s3_sources_tokenizer_and_output(s3_server, reference_run, demo_spec, tiny_model):
     import boto3
     import pyarrow.fs as pafs

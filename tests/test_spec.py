@@ -73,6 +73,13 @@ def test_spec_hash_ignores_layout():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
+    assert path.parent.name in ("datasets", "training"), f"{path}: configs/ holds datasets/ and training/ specs"
+    assert path.read_text().startswith("#"), "every preset opens with a comment giving its command"
+    if path.parent.name == "training":
+        from jobs.train_spec import load_training_spec
+
+        assert load_training_spec(str(path)).name
+        return
     spec = load_spec(str(path))
     assert isinstance(spec, DatasetSpec)
     for source in spec.sources:  # local example sources exist
