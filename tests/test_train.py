@@ -87,3 +87,25 @@ def test_full_finetune_ddp_two_workers(tiny_model, prepared, tmp_path):
                          optim={"lr": 0.002, "warmup_ratio": 0.0}, strategy={"kind": "ddp"})
     assert_learns(step_metrics(run("jobs.train", spec)), 10)
     assert (tmp_path / "ckpt/full-ddp/step_00000010/ddp_state.pt").exists()
+
+
+def test_datasets_mix_by_weight(tiny_model, prepared, tmp_path):
+    import ray
+
+    from jobs import ray_runtime
+    from jobs.train import datasets
+    from jobs.train_spec import check_datasets, load_training_spec
+
+    spec = load_training_spec(training_spec(tiny_model, prepared, str(tmp_path), datasets=[
+        {"uri": str(prepared), "weight": 2.0}, {"uri": str(prepared), "weight": 0.5}]))
+    manifests = check_datasets(spec)
+    rows = manifests[0]["packing"]["rows"]["train"]
+    ray_runtime.init(num_cpus=2)
+    try:
+        data, planned = datasets(spec, manifests)
+        mixed = data["train"].count()
+    finally:
+        ray.shutdown()
+    assert planned == 2 * rows + rows // 2
+    # Weight 2.0: every row twice; weight 0.5: a seeded Bernoulli(0.5) sample of the rows.
+    assert 2 * rows + 0.3 * rows <= mixed <= 2 * rows + 0.7 * rows
