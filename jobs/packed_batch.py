@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from jobs.tokenize import IGNORE_INDEX
 
 
 def collate(rows: Sequence[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ from jobs.manifest import SPLITS, TOKEN_COLUMNS
 from jobs.packing import bfd_bins, pack_row, single_bins
 from jobs.spec import DatasetSpec, Dedup, Packing, SpecError, load_spec
 from jobs.stages import OK, RenderTokenize, parse_file
+from jobs.tokenize import IGNORE_INDEX
 
 log = logging.getLogger("raysft.prepare")
 PROGRESS_EVERY_S = 2.0
@@ -326,7 +327,7 @@ def _showcase(sel: Selection) -> list[tuple[np.ndarray, np.ndarray]]:
     """Two samples for the data card: those with the most trained runs (multi-turn shows best)."""
     pool = (sel.samples["train"] + sel.samples["val"])[:2000]
     def turns(sample):
-        trained = sample[1] != -100
+        trained = sample[1] != IGNORE_INDEX
         return int((trained[1:] & ~trained[:-1]).sum())
     return sorted(pool, key=lambda s: (-turns(s), len(s[0])))[:2]
 

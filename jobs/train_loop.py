@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from jobs import storage
-from jobs.packed_batch import collate, micro_batch_loss, token_loss_sum, trained_tokens
+from jobs.manifest import TOKEN_COLUMNS
+from jobs.packed_batch import IGNORE_INDEX, collate, micro_batch_loss, token_loss_sum, trained_tokens
 from jobs.train_engines import make_engine
 from jobs.train_spec import DType, Method, TrainingSpec
 
@@ -54,7 +55,7 @@ def local_model_dir(uri: str, scratch: Path) -> str:
 
 
 def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    return [{k: batch[k][i] for k in ("input_ids", "labels", "position_ids", "seq_lens")}
+    return [{k: batch[k][i] for k in TOKEN_COLUMNS}
             for i in range(len(batch["input_ids"]))]
 
 
@@ -152,7 +153,7 @@ def evaluate(engine, val_shard, micro: int, pad_id: int) -> dict[str, float]:
             logits = engine.forward(input_ids=b["input_ids"], position_ids=b["position_ids"],
                                     attention_mask=b["attention_mask"]).logits
             s, n = token_loss_sum(logits, b["labels"])
-            trained = b["labels"][:, 1:] != -100
+            trained = b["labels"][:, 1:] != IGNORE_INDEX
             correct += float((logits[:, :-1].argmax(-1)[trained] == b["labels"][:, 1:][trained]).sum())
             loss_sum, count = loss_sum + float(s), count + n
     engine.module.train()
