@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 demo: $(STAMP)
 	$(PY) -m jobs.scaffold_model $(DEMO)/tiny-model
 	$(PY) -m jobs.prepare --spec configs/datasets/demo.yaml
+	rm -rf $(DEMO)/checkpoints/cpu-smoke  # a fresh run each time (the same name would resume)
 	$(PY) -m jobs.train --spec configs/training/cpu-smoke.yaml
 
 test: $(STAMP)
@@ -34,6 +35,7 @@ test-unit: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/prepare.py
+	$(PY) benchmarks/train.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

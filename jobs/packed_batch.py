@@ -2,7 +2,9 @@
 
 Rows from `jobs.prepare` hold several samples back to back (`seq_lens`, `position_ids`
 restarting at 0). On sdpa/eager attention a block-diagonal causal mask keeps each sample from
-seeing its neighbours, so a packed row computes exactly what its samples would alone.
+seeing its neighbours, so a packed row computes exactly what its samples would alone. Flash
+attention gets no mask: transformers reads the sample boundaries from `position_ids` (each
+restart at 0 opens a sequence) and runs the varlen kernel, which never builds the L x L mask.
 
 The loss of a step is the sum of token losses over every trainable token of the *effective*
 batch (all micro-batches of the step, on all workers) divided by that token count. Each
@@ -21,8 +23,9 @@ import torch.nn.functional as F
 from jobs.tokenize import IGNORE_INDEX
 
 
-def collate(rows: Sequence[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad rows (input_ids, labels, position_ids, seq_lens) to the longest; build the attention mask."""
+def collate(rows: Sequence[dict[str, np.ndarray]], pad_id: int, block_mask: bool = True) -> dict[str, torch.Tensor]:
+    """Pad rows (input_ids, labels, position_ids, seq_lens) to the longest; build the attention mask
+    unless `block_mask` is False (flash attention's varlen path reads `position_ids` instead)."""
     length = max(len(r["input_ids"]) for r in rows)
     batch = len(rows)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
@@ -36,8 +39,15 @@ def collate(rows: Sequence[dict[str, np.ndarray]], pad_id: int) -> dict[str, tor
         position_ids[b, :n] = torch.as_tensor(row["position_ids"], dtype=torch.long)
         segments[b, :n] = torch.repeat_interleave(torch.arange(len(row["seq_lens"])),
                                                   torch.as_tensor(row["seq_lens"], dtype=torch.long))
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": block_causal_mask(segments)}
+    collated = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if block_mask:
+        collated["attention_mask"] = block_causal_mask(segments)
+    return collated
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the model's forward: everything but the labels."""
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -71,7 +81,6 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], ste
                      world_size: int = 1) -> torch.Tensor:
     """This micro-batch's share of the step loss. DDP and DeepSpeed average gradients over workers,
     so multiplying by `world_size` makes the reduced gradient that of sum / step_tokens."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     total, _ = token_loss_sum(logits, batch["labels"])
     return total * world_size / max(step_tokens, 1)

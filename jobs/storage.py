@@ -32,6 +32,11 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(("s3://", "gs://"))
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (processes on other nodes or in other directories read it); remote URIs as they are."""
+    return uri if is_remote(uri) else os.path.abspath(uri)
+
+
 def expand(uri: str) -> tuple[pafs.FileSystem, list[str]]:
     """Files named by `uri`: one file, every file under a directory, or a glob; sorted."""
     fs, path = filesystem(uri)

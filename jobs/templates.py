@@ -14,6 +14,7 @@ trimmed after the end-of-turn text. That needs a template whose renders extend e
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -98,6 +99,28 @@ class BuiltinTemplate:
     @property
     def eot(self) -> str:
         return self.layout.eot.format(eos=self.eos)
+
+    def jinja(self) -> str:
+        """The same layout as a Jinja chat template, for serving the trained model (the exported
+        tokenizer's `chat_template`): it renders exactly what `render` does."""
+        layout = self.layout
+
+        def lit(text: str) -> str:
+            return "{{ " + json.dumps(text) + " }}"
+
+        def role(name: str, layout_text: str) -> str:
+            before, after = layout_text.split("{content}")
+            return f"{{%- if message['role'] == '{name}' -%}}{lit(before)}{{{{ message['content'] }}}}{lit(after)}{{%- endif -%}}"
+
+        default = ""
+        if layout.default_system:
+            default = (f"{{%- if messages[0]['role'] != 'system' -%}}"
+                       f"{lit(layout.system.format(content=layout.default_system))}{{%- endif -%}}")
+        assistant = (f"{{%- if message['role'] == 'assistant' -%}}{lit(layout.assistant_prefix)}"
+                     f"{{{{ message['content'] }}}}{lit(self.eot + layout.after_eot)}{{%- endif -%}}")
+        return (lit(self.bos) + default + "{%- for message in messages -%}" + role("system", layout.system)
+                + role("user", layout.user) + assistant + "{%- endfor -%}"
+                + f"{{%- if add_generation_prompt -%}}{lit(layout.assistant_prefix)}{{%- endif -%}}")
 
     def render(self, messages: list[Message]) -> Rendered:
         if (doc := _render_text(messages, self.bos, self.eos)) is not None:
@@ -220,3 +243,16 @@ def check_template(chat: ChatTemplate, tokenizer: Any) -> None:
     for (start, end), reply in zip(rendered.spans, replies, strict=True):
         if not rendered.text[start:end].strip().startswith(reply):
             raise ValueError(f"the chat template does not render the reply {reply!r} where expected")
+
+
+def serving_template(manifest: dict[str, Any], tokenizer: Any) -> str | None:
+    """The Jinja chat template a model trained on this prepared dataset should be served with:
+    the built-in layout as Jinja, the custom string, or None for the tokenizer's own."""
+    name = manifest["template"]["name"]
+    if name == "custom":
+        return manifest["spec"]["template"]
+    if name == TemplateName.TOKENIZER.value:
+        return None
+    chat = build_template(TemplateName(name), tokenizer)
+    assert isinstance(chat, BuiltinTemplate)
+    return chat.jinja()

@@ -1,26 +1,33 @@
 """Stage 2: fine-tune on prepared datasets with Ray Train (DeepSpeed ZeRO or DDP, LoRA or full).
 
-    python -m jobs.train --spec configs/training/cpu-smoke.yaml
+    python -m jobs.train --spec configs/training/cpu-smoke.yaml [--dry-run]
     ray job submit -- python -m jobs.train --spec /abs/path/spec.yaml
 
 Before any worker starts, the spec is checked against this cluster (GPU-only features) and the
-datasets against the model (tokenizer SHA-256). Checkpoints live under
-`checkpoint.storage/name`; a rerun with the same name resumes from the latest one.
+datasets against the model (tokenizer SHA-256). A run lives under `checkpoint.storage/name`:
+its checkpoints (`step_NNNNNNNN/`), `metrics.jsonl`, and at the end `export/` (the adapter and
+the merged model, ready to serve). A rerun with the same name resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
+import posixpath
 import sys
+import tempfile
+from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 
 from jobs import ray_runtime, storage, tokenizer_files
 from jobs.spec import SpecError
+from jobs.templates import serving_template
 from jobs.train_loop import train_loop
 from jobs.train_spec import TrainingSpec, check_datasets, check_environment, load_training_spec
 
@@ -39,10 +46,14 @@ def total_steps(spec: TrainingSpec, train_rows: int) -> int:
     return steps
 
 
-def datasets(spec: TrainingSpec, manifests: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
-    """Ray Datasets of the train and val splits (datasets mixed by weight) and the train row count."""
+def planned_train_rows(spec: TrainingSpec, manifests: list[dict[str, Any]]) -> int:
+    return sum(int(m["packing"]["rows"]["train"] * ref.weight) for m, ref in zip(manifests, spec.datasets, strict=True))
+
+
+def datasets(spec: TrainingSpec, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ray Datasets of the train and val splits, datasets mixed by weight: each whole unit of
+    weight repeats every row, the fraction adds a seeded Bernoulli sample."""
     splits: dict[str, list] = {"train": [], "val": []}
-    rows = 0
     for ref, manifest in zip(spec.datasets, manifests, strict=True):
         fs, base = storage.filesystem(ref.uri)
         for split in splits:
@@ -50,66 +61,155 @@ def datasets(spec: TrainingSpec, manifests: list[dict[str, Any]]) -> tuple[dict[
                 continue
             ds = ray.data.read_parquet(f"{base}/{split}", filesystem=fs)
             whole, frac = int(ref.weight), ref.weight - int(ref.weight)
-            parts = [ds] * whole + ([ds.random_sample(frac, seed=spec.seed)] if frac else [])
-            splits[split].extend(parts)
-        rows += int(manifest["packing"]["rows"]["train"] * ref.weight)
-    out = {name: (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]) for name, parts in splits.items() if parts}
-    return out, rows
+            splits[split].extend([ds] * whole + ([ds.random_sample(frac, seed=spec.seed)] if frac else []))
+    return {name: (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]) for name, parts in splits.items() if parts}
 
 
-def build_trainer(spec: TrainingSpec, manifests: list[dict[str, Any]]):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+@dataclass(frozen=True)
+class RunInputs:
+    """What the driver works out once and hands to every worker."""
+
+    chat_template: str | None  # None: the tokenizer's own
+    stop_ids: list[int]  # end of turn, then eos
+    pad_id: int
+
+
+def run_inputs(spec: TrainingSpec, manifests: list[dict[str, Any]]) -> RunInputs:
+    tokenizer = tokenizer_files.load(tokenizer_files.fetch(spec.model.uri))
+    # The model is served with the first dataset's chat template (the others' text differs only
+    # if they were prepared with other templates, which the note in docs/training-spec.md covers).
+    first = manifests[0]
+    eot_id = tokenizer.convert_tokens_to_ids(first["template"]["eot"])
+    stops = list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if i is not None))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return RunInputs(serving_template(first, tokenizer), stops, pad)
+
+
+def run_uri(spec: TrainingSpec) -> str:
+    return posixpath.join(spec.checkpoint.storage.rstrip("/"), spec.name)
+
+
+def build_trainer(spec: TrainingSpec, manifests: list[dict[str, Any]], inputs: RunInputs):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    data, rows = datasets(spec, manifests)
-    steps = total_steps(spec, rows)
-    tokenizer = tokenizer_files.load(tokenizer_files.fetch(spec.model.uri))
+    data = datasets(spec, manifests)
+    steps = total_steps(spec, planned_train_rows(spec, manifests))
     fs, path = storage.filesystem(spec.checkpoint.storage)
     resources = {"CPU": spec.scaling.cpus_per_worker} | ({"GPU": spec.scaling.gpus_per_worker} if spec.scaling.use_gpu else {})
-    log.info("train: %d steps over %d packed rows, %d workers", steps, rows, spec.scaling.num_workers)
+    # The same batches in the same order on every run: what makes a resumed run exact.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    has_val = "val" in data
+    log.info("train: %d steps, %d workers, run %s", steps, spec.scaling.num_workers, run_uri(spec))
     return TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.model_dump_json(), "total_steps": steps,
-                           "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id},
+        train_loop_config={"spec": spec.model_dump_json(), "total_steps": steps, "pad_id": inputs.pad_id,
+                           "chat_template": inputs.chat_template, "stop_ids": inputs.stop_ids,
+                           "run_uri": run_uri(spec), "has_val": has_val},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=resources),
         datasets=data,
+        dataset_config=DataConfig(execution_options=ingest),
         run_config=RunConfig(
             name=spec.name, storage_path=path, storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            # Keep the best by eval loss; Ray Train always keeps the latest as well.
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep,
+                                               checkpoint_score_attribute="eval_loss" if has_val else None,
+                                               checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=spec.max_failures)),
     )
 
 
-def train(spec: TrainingSpec, num_cpus: int | None = None):
-    """Check, then run the trainer to the end; returns Ray Train's Result."""
-    import torch
-
-    if not storage.is_remote(spec.model.uri):  # workers may not share the driver's working directory
-        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"uri": os.path.abspath(spec.model.uri)})})
-    check_environment(spec, torch.cuda.is_available())
+def prepare_spec(spec: TrainingSpec, cluster_gpus: float) -> tuple[TrainingSpec, list[dict[str, Any]]]:
+    """Check the spec against the cluster and its datasets against the model; returns the spec
+    with local paths made absolute (Ray workers do not run in the driver's directory)."""
+    data = spec.model_dump(mode="json")
+    data["model"]["uri"] = storage.absolute(data["model"]["uri"])
+    data["checkpoint"]["storage"] = storage.absolute(data["checkpoint"]["storage"])
+    if data["checkpoint"]["resume"] not in ("latest", "none"):
+        data["checkpoint"]["resume"] = storage.absolute(data["checkpoint"]["resume"])
+    for ref in data["datasets"]:
+        ref["uri"] = storage.absolute(ref["uri"])
+    spec = TrainingSpec.model_validate(data)
+    check_environment(spec, cluster_gpus)
     manifests = check_datasets(spec)
+    if spec.checkpoint.resume == "none" and checkpoints_of(spec):
+        raise SpecError([f"checkpoint.resume: none, but run {spec.name!r} already has checkpoints under "
+                         f"{run_uri(spec)}: choose a new name, or resume: latest to continue it"])
+    return spec, manifests
+
+
+def checkpoints_of(spec: TrainingSpec) -> list[str]:
+    """The checkpoint directories a run of this name already has."""
+    fs, path = storage.filesystem(run_uri(spec))
+    found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(posixpath.basename(i.path) for i in found
+                  if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("step_"))
+
+
+def train(spec: TrainingSpec, num_cpus: int | None = None):
+    """Check, then run the trainer to the end (its workers export the result); returns Ray Train's Result."""
     # A local cluster needs CPUs beyond the workers' own: Ray Data's read tasks feed them, and
     # with none left over the workers wait for data forever.
     workers_cpus = math.ceil(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
     ray_runtime.init(num_cpus or max(os.cpu_count() or 1, workers_cpus + 2))
-    return build_trainer(spec, manifests).fit()
+    spec, manifests = prepare_spec(spec, ray.cluster_resources().get("GPU", 0))
+    inputs = run_inputs(spec, manifests)
+    return build_trainer(spec, manifests, inputs).fit()
+
+
+def dry_run(spec: TrainingSpec) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig
+
+    from jobs.train_plan import plan
+
+    # No cluster is started for a plan: the GPUs are this machine's, or the cluster's with RAY_ADDRESS.
+    if os.environ.get("RAY_ADDRESS"):
+        ray_runtime.init()
+        gpus = ray.cluster_resources().get("GPU", 0)
+    else:
+        gpus = torch.cuda.device_count()
+    spec, manifests = prepare_spec(spec, gpus)
+    run_inputs(spec, manifests)  # the tokenizer loads and knows the end-of-turn token
+    with tempfile.TemporaryDirectory(prefix="raysft-plan-") as tmp:
+        storage.materialize_files(storage.read_dir_files(spec.model.uri, {"config.json"}), tmp)
+        config = AutoConfig.from_pretrained(tmp, trust_remote_code=spec.model.trust_remote_code)
+    return plan(spec, config, manifests, total_steps(spec, planned_train_rows(spec, manifests)))
+
+
+def report(result, spec: TrainingSpec) -> str:
+    """The end of a run, for people: final metrics, where things are, one generated answer."""
+    metrics, run = result.metrics or {}, storage.absolute(run_uri(spec))
+    lines = [f"training finished: step {metrics.get('step', '-')}, loss {metrics.get('loss', math.nan):.4f}, "
+             f"eval_loss {metrics.get('eval_loss', math.nan):.4f}, perplexity {metrics.get('perplexity', math.nan):.2f}, "
+             f"token_accuracy {metrics.get('token_accuracy', math.nan):.3f}",
+             f"checkpoint: {result.checkpoint.path if result.checkpoint else None}",
+             f"metrics:    {run}/metrics.jsonl",
+             f"export:     {run}/export"]
+    for generation in metrics.get("generations", [])[:1]:
+        lines.append(f"prompt:     {generation['prompt']}\nanswer:     {generation['answer']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="training spec: a YAML/JSON file or inline JSON")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        result = train(load_training_spec(args.spec), args.num_cpus)
+        spec = load_training_spec(args.spec)
+        if args.dry_run:
+            print(json.dumps(dry_run(spec), indent=2))
+            return 0
+        result = train(spec, args.num_cpus)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    metrics = result.metrics or {}
-    print(f"training finished: step {metrics.get('step', '-')}, loss {metrics.get('loss', math.nan):.4f}, "
-          f"eval_loss {metrics.get('eval_loss', math.nan):.4f}; checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    print(report(result, spec))
     return 0
 
 

@@ -1,13 +1,15 @@
 """The two ways a worker steps its model: DeepSpeed ZeRO (stage 0-3) or plain DDP.
 
-Both expose the same four verbs to the training loop: `forward`, `backward(loss, boundary)`,
-`save(dir)` and `load(dir)`. Accumulation is the loop's business: it hands in losses already
-normalised over the step's trainable tokens, so neither engine rescales them.
+Both expose the same verbs to the training loop: `forward`, `backward(loss, boundary)`,
+`gathered(param)`, `save(dir)` and `load(dir)`, and say whether parameters are `sharded` across
+ranks. Accumulation is the loop's business: it hands in losses already normalised over the
+step's trainable tokens, so neither engine rescales them.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,7 @@ class DeepSpeedEngine:
             "wall_clock_breakdown": False,
         }
         optimizer, scheduler = _optimizer(spec, model, total_steps)
+        self.sharded = strategy.zero_stage == 3
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=config)
 
@@ -71,6 +74,12 @@ class DeepSpeedEngine:
 
     def forward(self, **inputs):
         return self.engine(**inputs)
+
+    def gathered(self, param: torch.nn.Parameter):
+        """ZeRO-3 holds a shard of each parameter: gather the whole of it (every rank takes part)."""
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param]) if self.sharded else nullcontext()
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> float | None:
         # The loss is already a share of the step mean: no 1/grad_accum scaling on top.
@@ -98,6 +107,7 @@ class DdpEngine:
         import ray.train.torch
 
         self.spec = spec
+        self.sharded = False
         self.model = ray.train.torch.prepare_model(model)
         self.optimizer, self.scheduler = _optimizer(spec, model, total_steps)
 
@@ -107,6 +117,9 @@ class DdpEngine:
 
     def forward(self, **inputs):
         return self.model(**inputs)
+
+    def gathered(self, param: torch.nn.Parameter):
+        return nullcontext()  # every replica holds every parameter
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> float | None:
         loss.backward()

@@ -3,15 +3,26 @@
 Runs inside Ray Train workers (`jobs.train` builds the TorchTrainer). Each optimizer step takes
 `grad_accum` micro-batches of packed rows from this worker's shard, counts the trainable tokens
 of the whole step across all workers, and back-propagates each micro-batch's share of the step's
-token mean. Metrics go to `ray.train.report` every step; every `checkpoint.every_steps` steps
-(and at the end) the engine state and `training_state.json` go with them.
+token mean. Every `log_every_steps` steps the metrics of the steps since then go to the job log and
+the run's metrics.jsonl; evaluations and checkpoints also go to `ray.train.report` (Ray Train takes
+one report at a time from each worker and polls every 2 s, so reporting every short step would
+stall training). At the end rank 0 exports the final checkpoint (`jobs.train_export`).
+
+Resuming is exact: a checkpoint records the step, the epoch, how many micro-batches of the epoch
+were consumed (the data cursor) and every rank's RNG state; the data order is deterministic
+(`jobs.train` asks Ray Data to preserve it), so a resumed run sees the same batches in the same
+order with the same random streams as one that never stopped.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +30,41 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from jobs import storage
+from jobs import storage, tokenizer_files
 from jobs.manifest import TOKEN_COLUMNS
-from jobs.packed_batch import IGNORE_INDEX, collate, micro_batch_loss, token_loss_sum, trained_tokens
+from jobs.metrics_log import MetricsLog
+from jobs.packed_batch import collate, micro_batch_loss, trained_tokens
+from jobs.train_checkpoint import Progress, restore, write_checkpoint
 from jobs.train_engines import make_engine
-from jobs.train_spec import DType, Method, TrainingSpec
-
-DTYPES = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
-
+from jobs.train_eval import evaluate, generate_answers
+from jobs.train_export import export
+from jobs.train_spec import Attention, Method, TrainingSpec, torch_dtype
 
 # ---------------------------------------------------------------- setup
 
 
 def load_model(spec: TrainingSpec, model_dir: str) -> torch.nn.Module:
+    """The base model (safetensors only: pickled weights are never loaded), 4-bit NF4 for QLoRA,
+    with a LoRA adapter unless the method is full."""
     from transformers import AutoModelForCausalLM
 
+    dtype = torch_dtype(spec.model.dtype)
+    quantized = {}
+    if spec.method is Method.QLORA:
+        from transformers import BitsAndBytesConfig
+
+        # 4-bit weights are placed as they load, on this worker's GPU (Ray Train sets it current).
+        quantized = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+                     "device_map": {"": torch.cuda.current_device()}}
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=DTYPES[spec.model.dtype], attn_implementation=spec.model.attn_implementation.value,
-        use_safetensors=True, trust_remote_code=spec.model.trust_remote_code)
-    if spec.gradient_checkpointing:
+        model_dir, dtype=dtype, attn_implementation=spec.model.attn_implementation.value,
+        use_safetensors=True, trust_remote_code=spec.model.trust_remote_code, **quantized)
+    if spec.method is Method.QLORA:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+    elif spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if spec.method is Method.FULL:
         return model
@@ -54,12 +81,83 @@ def local_model_dir(uri: str, scratch: Path) -> str:
     return str(storage.materialize_files(storage.read_dir_files(uri), scratch / "model"))
 
 
+def load_tokenizer(model_dir: str, chat_template: str | None) -> Any:
+    """The model's tokenizer, carrying the chat template its training data was rendered with."""
+    tokenizer = tokenizer_files.load(tokenizer_files.fetch(model_dir))
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def resume_checkpoint(spec: TrainingSpec):
+    """The run's own latest registered checkpoint comes first: after a worker-group restart, or when
+    a run of the same name is submitted again. A new run starts from the checkpoint URI in
+    `checkpoint.resume`, or from the base model (`latest`, `none`)."""
+    import ray.train
+
+    if (own := ray.train.get_checkpoint()) is not None or spec.checkpoint.resume in ("latest", "none"):
+        return own
+    fs, path = storage.filesystem(spec.checkpoint.resume)
+    return ray.train.Checkpoint(path=path, filesystem=fs)
+
+
+# ---------------------------------------------------------------- data
+
+
 def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    return [{k: batch[k][i] for k in TOKEN_COLUMNS}
-            for i in range(len(batch["input_ids"]))]
+    return [{k: batch[k][r] for k in TOKEN_COLUMNS} for r in range(len(batch["input_ids"]))]
 
 
-def _all_reduce_sum(value: float) -> float:
+@dataclass
+class StepBatches:
+    """The micro-batches of one optimizer step on this worker, and what they hold."""
+
+    batches: list[dict[str, torch.Tensor]]
+    samples: int = 0
+    tokens: int = 0
+    trainable: int = 0  # tokens carrying loss: the step's normaliser (summed over workers)
+
+
+def step_batches(shard, spec: TrainingSpec, pad_id: int, progress: Progress) -> Iterator[StepBatches]:
+    """This epoch's optimizer steps, starting after the micro-batches `progress.cursor` says were
+    consumed; the cursor advances as steps are handed out."""
+    micro, accum = spec.batch.micro_batch_size, spec.batch.grad_accum
+    block_mask = spec.model.attn_implementation is not Attention.FLASH_ATTENTION_2
+    pending = StepBatches([])
+    for i, batch in enumerate(shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True)):
+        if i < progress.cursor:
+            continue
+        rows = _rows(batch)
+        pending.batches.append(collate(rows, pad_id, block_mask))
+        pending.trainable += trained_tokens(pending.batches[-1])
+        pending.samples += sum(len(r["seq_lens"]) for r in rows)
+        pending.tokens += sum(len(r["input_ids"]) for r in rows)
+        if len(pending.batches) == accum:
+            progress.cursor = i + 1
+            yield pending
+            pending = StepBatches([])
+
+
+class ValidationRows:
+    """This worker's share of the validation split, read once and kept: the split is small, and
+    each pass over a Ray Data shard starts a new streaming execution (seconds per evaluation)."""
+
+    def __init__(self, shard, spec: TrainingSpec, pad_id: int):
+        self.shard, self.spec, self.pad_id = shard, spec, pad_id
+        self.rows: list[dict[str, np.ndarray]] | None = None
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.shard is None:
+            return
+        if self.rows is None:
+            self.rows = [r for batch in self.shard.iter_batches(batch_size=256, batch_format="numpy") for r in _rows(batch)]
+        micro = self.spec.batch.micro_batch_size
+        block_mask = self.spec.model.attn_implementation is not Attention.FLASH_ATTENTION_2
+        for i in range(0, len(self.rows), micro):
+            yield collate(self.rows[i:i + micro], self.pad_id, block_mask)
+
+
+def all_reduce_sum(value: float) -> float:
     tensor = torch.tensor([value], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(tensor)
@@ -72,108 +170,117 @@ def _all_reduce_sum(value: float) -> float:
 def train_loop(config: dict[str, Any]) -> None:
     import ray.train
 
-    # Setup: spec, seed, model (+ LoRA), engine, and where a previous attempt stopped.
+    # Setup: spec, seed, tokenizer, model (+ LoRA), engine, and where a previous attempt stopped.
     spec = TrainingSpec.model_validate_json(config["spec"])
     total_steps, pad_id = config["total_steps"], config["pad_id"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(spec.seed)  # identical initialisation (LoRA too) on every worker
     scratch = Path(tempfile.mkdtemp(prefix="raysft-train-"))
-    engine = make_engine(spec, load_model(spec, local_model_dir(spec.model.uri, scratch)), total_steps)
-    step = 0
+    model_dir = local_model_dir(spec.model.uri, scratch)
+    tokenizer = load_tokenizer(model_dir, config["chat_template"])
+    engine = make_engine(spec, load_model(spec, model_dir), total_steps)
+    progress = Progress()
     if (checkpoint := resume_checkpoint(spec)) is not None:
         with checkpoint.as_directory() as directory:
-            engine.load(Path(directory))
-            step = json.loads((Path(directory) / "training_state.json").read_text())["global_step"]
-    micro, accum = spec.batch.micro_batch_size, spec.batch.grad_accum
+            progress = restore(engine, Path(directory), rank, world)
+        if rank == 0:
+            print(f"resumed from step {progress.global_step} (epoch {progress.epoch}, "
+                  f"micro-batch {progress.cursor})", flush=True)
+    log = MetricsLog(config["run_uri"], progress.global_step) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    validation = ValidationRows(ray.train.get_dataset_shard("val") if config["has_val"] else None, spec, pad_id)
 
-    # Train: one optimizer step per `accum` micro-batches, until `total_steps`.
-    epoch = 0
-    while step < total_steps:
-        batches = shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True)
-        skip = (step * accum) if epoch == 0 else 0  # resume: this epoch's micro-batches already seen
-        group: list[dict[str, torch.Tensor]] = []
-        for i, batch in enumerate(batches):
-            if i < skip:
+    # Train: one optimizer step per `grad_accum` micro-batches, until `total_steps`.
+    window, clock = LogWindow(), time.perf_counter()
+    while progress.global_step < total_steps:
+        for step in step_batches(shard, spec, pad_id, progress):
+            window.add(train_step(engine, step, world), step, time.perf_counter() - clock)
+            progress.global_step += 1
+            n = progress.global_step
+            save = n % spec.checkpoint.every_steps == 0 or n == total_steps
+            answer = n % spec.eval.every_steps == 0 or n == total_steps
+            if not (save or answer or n % spec.log_every_steps == 0):
+                clock = time.perf_counter()
                 continue
-            group.append(collate(_rows(batch), pad_id))
-            if len(group) < accum:
-                continue
-            started = time.perf_counter()
-            local_tokens = sum(trained_tokens(b) for b in group)
-            step_tokens = int(_all_reduce_sum(local_tokens))
-            loss_total, grad_norm = 0.0, None
-            for j, b in enumerate(group):
-                loss = micro_batch_loss(engine.forward, b, step_tokens, world)
-                grad_norm = engine.backward(loss, boundary=j == len(group) - 1)
-                loss_total += loss.item() / world
-            loss_value = _all_reduce_sum(loss_total)
-            step += 1
-            seconds = time.perf_counter() - started
-            metrics = {"step": step, "epoch": epoch, "loss": loss_value, "lr": engine.lr(),
-                       "grad_norm": grad_norm, "step_time_s": seconds,
-                       "trainable_tokens_per_s": step_tokens / seconds,
-                       "tokens_per_s": _all_reduce_sum(sum(int(b["input_ids"].numel()) for b in group)) / seconds}
-            if step % spec.eval.every_steps == 0 or step == total_steps:
-                metrics |= evaluate(engine, val_shard, micro, pad_id)
-            group = []
-            if step % spec.checkpoint.every_steps == 0 or step == total_steps:
-                save_and_report(engine, spec, step, epoch, metrics, rank)
-            else:
+            metrics = {"step": n, "epoch": progress.epoch} | window.metrics(engine.lr())
+            if save or answer:  # checkpoints are ranked by eval loss, so each one is evaluated
+                metrics |= evaluate(engine, validation.batches(), all_reduce_sum)
+            if answer and spec.eval.prompts:
+                metrics["generations"] = generate_answers(engine, tokenizer, spec, config["stop_ids"], spec.seed + n, rank)
+            if save:
+                save_and_report(engine, tokenizer, spec, progress, metrics, rank)
+            elif answer:
                 ray.train.report(metrics)
             if rank == 0:
+                log.add(metrics, important=save or answer)
                 print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
-            if step >= total_steps:
+            window, clock = LogWindow(), time.perf_counter()  # evaluation and checkpoints are not step time
+            if n >= total_steps:
                 break
-        epoch += 1
+        else:  # the epoch's data ran out before total_steps
+            progress.epoch, progress.cursor = progress.epoch + 1, 0
+
+    # Cleanup: rank 0 turns the final checkpoint into models ready to serve.
+    if rank == 0:
+        log.flush()
+        export(ray.train.get_checkpoint(), spec, config["stop_ids"], pad_id, model_dir,
+               posixpath.join(config["run_uri"], "export"))
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
-def resume_checkpoint(spec: TrainingSpec):
-    """`latest`: Ray Train's latest committed checkpoint of this run (also after a worker restart);
-    `none`: start from the base model; a URI: that checkpoint directory."""
-    import ray.train
-
-    if spec.checkpoint.resume == "latest":
-        return ray.train.get_checkpoint()
-    if spec.checkpoint.resume == "none":
-        return None
-    fs, path = storage.filesystem(spec.checkpoint.resume)
-    return ray.train.Checkpoint(path=path, filesystem=fs)
-
-
-def evaluate(engine, val_shard, micro: int, pad_id: int) -> dict[str, float]:
-    """Token-weighted loss, perplexity and next-token accuracy over this worker's validation shard, reduced."""
-    engine.module.eval()
-    loss_sum = correct = count = 0.0
-    with torch.no_grad():
-        for batch in val_shard.iter_batches(batch_size=micro, batch_format="numpy"):
-            b = collate(_rows(batch), pad_id)
-            logits = engine.forward(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                                    attention_mask=b["attention_mask"]).logits
-            s, n = token_loss_sum(logits, b["labels"])
-            trained = b["labels"][:, 1:] != IGNORE_INDEX
-            correct += float((logits[:, :-1].argmax(-1)[trained] == b["labels"][:, 1:][trained]).sum())
-            loss_sum, count = loss_sum + float(s), count + n
-    engine.module.train()
-    loss_sum, correct, count = (_all_reduce_sum(x) for x in (loss_sum, correct, count))
-    if count == 0:
-        return {}
-    eval_loss = loss_sum / count
-    return {"eval_loss": eval_loss, "perplexity": float(np.exp(min(eval_loss, 50))), "token_accuracy": correct / count}
+def train_step(engine, step: StepBatches, world: int) -> tuple[float, float | None]:
+    """Forward and backward every micro-batch of the step (the engine steps the optimizer at the
+    last); returns this worker's share of the step loss and the gradient norm."""
+    step_tokens = int(all_reduce_sum(step.trainable))
+    loss_share, grad_norm = 0.0, None
+    for j, batch in enumerate(step.batches):
+        loss = micro_batch_loss(engine.forward, batch, step_tokens, world)
+        grad_norm = engine.backward(loss, boundary=j == len(step.batches) - 1)
+        loss_share += loss.item() / world
+    return loss_share, grad_norm
 
 
-def save_and_report(engine, spec: TrainingSpec, step: int, epoch: int, metrics: dict[str, Any], rank: int) -> None:
-    """Write the engine state and training_state.json, then report them as one Ray Train checkpoint."""
+@dataclass
+class LogWindow:
+    """The steps since the last report, summed on this worker; `metrics` sums them over workers
+    in one collective. Times are wall clock between steps (data loading included)."""
+
+    steps: int = 0
+    loss: float = 0.0
+    grad_norm: float | None = None
+    seconds: float = 0.0
+    trainable_tokens: int = 0
+    tokens: int = 0
+    samples: int = 0
+
+    def add(self, result: tuple[float, float | None], step: StepBatches, seconds: float) -> None:
+        self.steps += 1
+        self.loss += result[0]
+        self.grad_norm = result[1]
+        self.seconds += seconds
+        self.trainable_tokens += step.trainable
+        self.tokens += step.tokens
+        self.samples += step.samples
+
+    def metrics(self, lr: float) -> dict[str, Any]:
+        totals = torch.tensor([self.loss, self.trainable_tokens, self.tokens, self.samples], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        loss, trainable, tokens, samples = totals.tolist()
+        seconds = max(self.seconds, 1e-9)
+        return {"loss": loss / self.steps, "lr": lr, "grad_norm": self.grad_norm, "step_time_s": seconds / self.steps,
+                "trainable_tokens_per_s": trainable / seconds, "tokens_per_s": tokens / seconds,
+                "samples_per_s": samples / seconds}
+
+
+def save_and_report(engine, tokenizer, spec: TrainingSpec, progress: Progress, metrics: dict[str, Any],
+                    rank: int) -> None:
+    """Write this rank's part of the checkpoint, then report it: Ray Train uploads every rank's
+    files into one directory and registers the checkpoint once all have arrived."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="raysft-ckpt-") as tmp:
-        directory = Path(tmp)
-        wrote = engine.save(directory)
-        if rank == 0:
-            state = {"global_step": step, "epoch": epoch, "metrics": metrics}
-            (directory / "training_state.json").write_text(json.dumps(state, indent=2))
-            (directory / "spec.json").write_text(spec.model_dump_json(indent=2))
-        checkpoint = ray.train.Checkpoint.from_directory(tmp) if (wrote or rank == 0) else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:08d}")
+        wrote = write_checkpoint(engine, Path(tmp), rank, progress, metrics, tokenizer, spec.model_dump_json(indent=2))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None,
+                         checkpoint_dir_name=f"step_{progress.global_step:08d}")

@@ -8,8 +8,10 @@ and were tokenized by the model's own tokenizer).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import posixpath
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,6 +28,12 @@ class DType(StrEnum):
     BF16 = "bf16"
     FP16 = "fp16"
     FP32 = "fp32"  # the only choice on CPU
+
+
+def torch_dtype(dtype: DType):
+    import torch
+
+    return {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}[dtype]
 
 
 class Attention(StrEnum):
@@ -137,7 +145,10 @@ class CheckpointSpec(SpecModel):
     storage: Uri = Field(description="Checkpoint root (local path or s3://); runs live under it by name.")
     every_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
     keep: int = Field(3, ge=1, description="Checkpoints kept: the best by eval loss plus the latest.")
-    resume: str = Field("latest", description="latest | none | the URI of one checkpoint.")
+    resume: str = Field("latest", description="Where a new run starts: `latest` (this run's latest checkpoint, "
+                        "if the name was run before), `none` (the base model; refused if the name has checkpoints) "
+                        "or the URI of one checkpoint. A restarted worker group always continues from the "
+                        "run's own latest checkpoint.")
 
     @field_validator("storage")
     @classmethod
@@ -181,6 +192,8 @@ class TrainingSpec(SpecModel):
     batch: BatchSpec = Field(default_factory=BatchSpec, description="Micro-batch and accumulation.")
     epochs: int | None = Field(1, ge=1, description="Passes over the data (unless max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    log_every_steps: int = Field(10, ge=1, description="Report metrics (averaged over the steps since the last "
+                                 "report) every N optimizer steps; evaluations and checkpoints report too.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     seed: int = Field(42, description="Seed of initialisation, data order and dropout.")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers and resources.")
@@ -201,12 +214,23 @@ def load_training_spec(spec: str | Path | dict[str, Any]) -> TrainingSpec:
     return validate(TrainingSpec, read_document(spec))
 
 
-def check_environment(spec: TrainingSpec, cuda_available: bool) -> None:
-    """GPU-only features fail here, before any worker starts, with what to change."""
+def module_installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def check_environment(spec: TrainingSpec, cluster_gpus: float,
+                      installed: Callable[[str], bool] = module_installed) -> None:
+    """GPU-only features fail here, before any worker starts, with what to change. `cluster_gpus`
+    is what the Ray cluster has; the GPU libraries are looked up here, since every node runs the
+    same image."""
     problems = []
-    gpu = spec.scaling.use_gpu and cuda_available
-    if spec.scaling.use_gpu and not cuda_available:
-        problems.append("scaling.use_gpu: no GPU is visible here: set use_gpu: false (and model.dtype: fp32)")
+    gpu = spec.scaling.use_gpu and cluster_gpus > 0
+    wanted = spec.scaling.num_workers * spec.scaling.gpus_per_worker
+    if spec.scaling.use_gpu and cluster_gpus == 0:
+        problems.append("scaling.use_gpu: the cluster has no GPU: set use_gpu: false (and model.dtype: fp32)")
+    elif gpu and wanted > cluster_gpus:
+        problems.append(f"scaling: {wanted:g} GPUs wanted (num_workers x gpus_per_worker) but the cluster has "
+                        f"{cluster_gpus:g}: lower num_workers")
     if not gpu:
         if spec.method is Method.QLORA:
             problems.append("method: qlora needs a GPU (4-bit kernels): use method: lora on CPU")
@@ -214,6 +238,12 @@ def check_environment(spec: TrainingSpec, cuda_available: bool) -> None:
             problems.append("model.attn_implementation: flash_attention_2 needs a GPU: use sdpa")
         if spec.model.dtype is not DType.FP32:
             problems.append(f"model.dtype: {spec.model.dtype.value} needs a GPU here: use fp32 on CPU")
+    else:
+        if spec.method is Method.QLORA and not installed("bitsandbytes"):
+            problems.append("method: qlora needs bitsandbytes: install raysft[gpu] in the image")
+        if spec.model.attn_implementation is Attention.FLASH_ATTENTION_2 and not installed("flash_attn"):
+            problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                            "in the image (see the Dockerfile's GPU notes), or use sdpa")
     if problems:
         raise SpecError(problems)
 

@@ -69,3 +69,13 @@ def s3_server(monkeypatch):
         monkeypatch.setenv(k, v)
     yield env
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def prepared(tiny_model, example_spec, tmp_path_factory) -> Path:
+    """The demo spec's datasets, prepared by a real `jobs.prepare` run for the scaffold model."""
+    from training_runs import run
+
+    out = tmp_path_factory.mktemp("prepared") / "demo"
+    run("jobs.prepare", example_spec("demo", out))
+    return out

@@ -138,3 +138,17 @@ def test_template_problems_fail_early_with_the_fix(tokenizer):
     no_reply = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
     with pytest.raises(ValueError, match="cannot be used for masking"):
         build_template(no_reply, tokenizer)
+
+
+
+@pytest.mark.parametrize("template", [t for t in TemplateName if t is not TemplateName.TOKENIZER])
+@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=["system+3turns", "2turns"])
+def test_builtin_template_as_jinja_renders_the_same_text(tokenizer, template, conversation):
+    """The exported model is served with the template it was trained on: the Jinja form of a
+    built-in layout renders byte for byte what training rendered, generation prompt included."""
+    chat = build_template(template, tokenizer)
+    rendered = chat.render(conversation)
+    assert tokenizer.apply_chat_template(conversation, chat_template=chat.jinja(), tokenize=False) == rendered.text
+    prompt = tokenizer.apply_chat_template(conversation[:-1], chat_template=chat.jinja(), tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt == rendered.text[:rendered.spans[-1][0]]

@@ -76,15 +76,23 @@ def test_every_shipped_config_is_valid(path):
     assert path.parent.name in ("datasets", "training"), f"{path}: configs/ holds datasets/ and training/ specs"
     assert path.read_text().startswith("#"), "every preset opens with a comment giving its command"
     if path.parent.name == "training":
-        from jobs.train_spec import load_training_spec
+        from jobs.train_spec import check_environment, load_training_spec
 
-        assert load_training_spec(str(path)).name
+        spec = load_training_spec(str(path))
+        gpus = spec.scaling.num_workers * spec.scaling.gpus_per_worker if spec.scaling.use_gpu else 0
+        check_environment(spec, cluster_gpus=gpus, installed=lambda module: True)  # runs on the cluster it asks for
+        assert "python -m jobs.train" in path.read_text().split("\nname:")[0] or "make demo" in path.read_text()
         return
     spec = load_spec(str(path))
     assert isinstance(spec, DatasetSpec)
     for source in spec.sources:  # local example sources exist
         if "://" not in source.uri:
             assert (REPO / source.uri).exists(), source.uri
+
+
+def test_training_presets_cover_the_common_setups():
+    names = {p.stem for p in (REPO / "configs/training").glob("*.yaml")}
+    assert {"cpu-smoke", "lora-zero2-gpu", "full-zero3-offload", "qlora-single-gpu", "low-memory"} <= names
 
 
 def test_docs_field_reference_matches_the_models():

@@ -1,53 +1,17 @@
-"""Issue 3 (part): the training job on real Ray Train workers: DeepSpeed ZeRO-2/3 with LoRA and
-DDP full fine-tuning on the scaffold model, checkpoints on a loopback S3 server."""
+"""Issue 3: the training job on real Ray Train workers: DeepSpeed ZeRO-2/3 with LoRA and DDP full
+fine-tuning on the scaffold model, checkpoints on a loopback S3 server, and the exported models
+loaded by plain transformers/peft in a fresh process."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from training_runs import job_env, run, step_metrics, training_spec
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run(module: str, spec: dict, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
-    proc = subprocess.run([sys.executable, "-m", module, "--spec", json.dumps(spec)], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    return proc
-
-
-def step_metrics(proc: subprocess.CompletedProcess) -> dict[int, dict]:
-    """Rank 0 prints one JSON object of metrics per step."""
-    metrics = {}
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if '{"step"' in line:
-            m = json.loads(line[line.index('{"step"'):])
-            metrics[m["step"]] = m
-    return metrics
-
-
-@pytest.fixture(scope="module")
-def prepared(tiny_model, example_spec, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("prepared") / "demo"
-    run("jobs.prepare", example_spec("demo", out))
-    return out
-
-
-def training_spec(tiny_model, prepared, storage, **overrides) -> dict:
-    spec = {"name": "t", "model": {"uri": str(tiny_model), "dtype": "fp32"},
-            "datasets": [{"uri": str(prepared)}], "method": "lora",
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "optim": {"lr": 0.01, "warmup_ratio": 0.0},
-            "batch": {"micro_batch_size": 2, "grad_accum": 2}, "max_steps": 10,
-            "scaling": {"num_workers": 2}, "eval": {"every_steps": 10},
-            "checkpoint": {"storage": storage, "every_steps": 5, "keep": 2}}
-    return spec | overrides
 
 
 def assert_learns(metrics: dict[int, dict], steps: int) -> None:
@@ -58,6 +22,50 @@ def assert_learns(metrics: dict[int, dict], steps: int) -> None:
     assert all(m["trainable_tokens_per_s"] > 0 and m["grad_norm"] is not None for m in metrics.values())
 
 
+# Runs in a fresh interpreter: nothing of raysft is imported, only transformers and peft.
+LOAD_AND_GENERATE = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model_dir, base_dir, adapter_dir = sys.argv[1:4]
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+text = tokenizer.apply_chat_template([{"role": "user", "content": "How long should I rest a steak?"}],
+                                     tokenize=False, add_generation_prompt=True)
+ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+out = {"prompt_tokens": ids.shape[1], "prompt": text,
+       "generated": model.generate(ids, max_new_tokens=8, do_sample=False).shape[1] - ids.shape[1]}
+with torch.no_grad():
+    logits = model(ids).logits
+    out["differs_from_base"] = (logits - base(ids).logits).abs().max().item()
+    if adapter_dir != "-":
+        from peft import PeftModel
+        adapted = PeftModel.from_pretrained(base, adapter_dir).eval()
+        out["adapter_vs_merged"] = (adapted(ids).logits - logits).abs().max().item()
+        out["adapter_generated"] = adapted.generate(input_ids=ids, max_new_tokens=8, do_sample=False).shape[1] - ids.shape[1]
+print(json.dumps(out))
+"""
+
+
+def load_in_fresh_process(export_dir, base_dir, adapter: bool) -> dict:
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(export_dir / "model"), str(base_dir),
+                           str(export_dir / "adapter") if adapter else "-"],
+                          env=job_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_exported(export_dir, base_dir, adapter: bool) -> None:
+    """The export loads with plain transformers (and peft), generates, uses the training chat
+    template, and carries the training: its logits differ from the base model's."""
+    result = load_in_fresh_process(export_dir, base_dir, adapter)
+    assert result["generated"] > 0
+    assert result["prompt"] == "<|im_start|>user\nHow long should I rest a steak?<|im_end|>\n<|im_start|>assistant\n"
+    assert result["differs_from_base"] > 1e-3
+    if adapter:
+        assert result["adapter_vs_merged"] < 1e-4 and result["adapter_generated"] > 0
+
+
 def test_lora_zero2_two_workers_checkpoints_to_s3(s3_server, tiny_model, prepared):
     import boto3
 
@@ -66,34 +74,42 @@ def test_lora_zero2_two_workers_checkpoints_to_s3(s3_server, tiny_model, prepare
     spec = training_spec(tiny_model, prepared, "s3://ckpt/runs", name="lora-z2",
                          strategy={"kind": "deepspeed", "zero_stage": 2})
     proc = run("jobs.train", spec, env=s3_server)
-    assert_learns(step_metrics(proc), 10)
+    assert_learns(step_metrics(proc.stdout + proc.stderr), 10)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix="runs/lora-z2/")["Contents"]}
     for step in ("step_00000005", "step_00000010"):
         assert f"runs/lora-z2/{step}/training_state.json" in keys
         assert any(k.startswith(f"runs/lora-z2/{step}/state/") for k in keys)  # DeepSpeed's own files
     state = json.loads(s3.get_object(Bucket="ckpt", Key="runs/lora-z2/step_00000010/training_state.json")["Body"].read())
-    assert state["global_step"] == 10
+    assert (state["global_step"], state["epoch"], state["world_size"], len(state["rng"])) == (10, 0, 2, 2)
+    history = s3.get_object(Bucket="ckpt", Key="runs/lora-z2/metrics.jsonl")["Body"].read().decode().splitlines()
+    assert [json.loads(line)["step"] for line in history] == list(range(1, 11))
+    for name in ("adapter/adapter_model.safetensors", "model/model.safetensors", "model/tokenizer.json"):
+        assert f"runs/lora-z2/export/{name}" in {o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix="runs/lora-z2/export/")["Contents"]}
 
 
 def test_lora_zero3_two_workers(tiny_model, prepared, tmp_path):
     spec = training_spec(tiny_model, prepared, str(tmp_path / "ckpt"), name="lora-z3",
                          strategy={"kind": "deepspeed", "zero_stage": 3})
-    assert_learns(step_metrics(run("jobs.train", spec)), 10)
-    assert (tmp_path / "ckpt/lora-z3/step_00000010/training_state.json").exists()
+    proc = run("jobs.train", spec)
+    assert_learns(step_metrics(proc.stdout + proc.stderr), 10)
+    assert (tmp_path / "ckpt/lora-z3/step_00000010/adapter_model.safetensors").exists()
+    assert_exported(tmp_path / "ckpt/lora-z3/export", tiny_model, adapter=True)  # gathered from ZeRO-3 shards
 
 
 def test_full_finetune_ddp_two_workers(tiny_model, prepared, tmp_path):
     spec = training_spec(tiny_model, prepared, str(tmp_path / "ckpt"), name="full-ddp", method="full",
                          optim={"lr": 0.002, "warmup_ratio": 0.0}, strategy={"kind": "ddp"})
-    assert_learns(step_metrics(run("jobs.train", spec)), 10)
+    proc = run("jobs.train", spec)
+    assert_learns(step_metrics(proc.stdout + proc.stderr), 10)
     assert (tmp_path / "ckpt/full-ddp/step_00000010/ddp_state.pt").exists()
+    assert_exported(tmp_path / "ckpt/full-ddp/export", tiny_model, adapter=False)
 
 
 def test_datasets_mix_by_weight(tiny_model, prepared, tmp_path):
     import ray
 
     from jobs import ray_runtime
-    from jobs.train import datasets
+    from jobs.train import datasets, planned_train_rows
     from jobs.train_spec import check_datasets, load_training_spec
 
     spec = load_training_spec(training_spec(tiny_model, prepared, str(tmp_path), datasets=[
@@ -102,10 +118,9 @@ def test_datasets_mix_by_weight(tiny_model, prepared, tmp_path):
     rows = manifests[0]["packing"]["rows"]["train"]
     ray_runtime.init(num_cpus=2)
     try:
-        data, planned = datasets(spec, manifests)
-        mixed = data["train"].count()
+        mixed = datasets(spec, manifests)["train"].count()
     finally:
         ray.shutdown()
-    assert planned == 2 * rows + rows // 2
+    assert planned_train_rows(spec, manifests) == 2 * rows + rows // 2
     # Weight 2.0: every row twice; weight 0.5: a seeded Bernoulli(0.5) sample of the rows.
     assert 2 * rows + 0.3 * rows <= mixed <= 2 * rows + 0.7 * rows

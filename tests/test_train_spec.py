@@ -40,14 +40,25 @@ def test_every_problem_with_its_path():
 def test_gpu_only_features_fail_without_a_gpu_with_the_fix():
     spec = load_training_spec(MINIMAL | {"method": "qlora", "strategy": {"kind": "ddp"},
                                          "model": {"uri": "m", "dtype": "bf16", "attn_implementation": "flash_attention_2"},
-                                         "scaling": {"use_gpu": True}})
+                                         "scaling": {"use_gpu": True, "num_workers": 2}})
     with pytest.raises(SpecError) as info:
-        check_environment(spec, cuda_available=False)
+        check_environment(spec, cluster_gpus=0)
     text = "\n".join(info.value.problems)
     assert "use_gpu" in text and "qlora needs a GPU" in text and "flash_attention_2 needs a GPU" in text
     assert "bf16 needs a GPU here: use fp32" in text
-    check_environment(spec, cuda_available=True)  # the same spec is fine on a GPU cluster
-    check_environment(load_training_spec(MINIMAL), cuda_available=False)
+    check_environment(spec, cluster_gpus=8, installed=lambda name: True)  # fine on a GPU cluster
+    check_environment(load_training_spec(MINIMAL), cluster_gpus=0)
+
+
+def test_gpu_runs_need_enough_gpus_and_the_gpu_libraries():
+    spec = load_training_spec(MINIMAL | {"method": "qlora", "strategy": {"kind": "ddp"},
+                                         "model": {"uri": "m", "dtype": "bf16", "attn_implementation": "flash_attention_2"},
+                                         "scaling": {"use_gpu": True, "num_workers": 4, "gpus_per_worker": 2}})
+    with pytest.raises(SpecError) as info:
+        check_environment(spec, cluster_gpus=4, installed=lambda name: False)
+    text = "\n".join(info.value.problems)
+    assert "8 GPUs wanted" in text and "has 4" in text
+    assert "needs bitsandbytes" in text and "flash-attn" in text
 
 
 def write_manifest(path: Path, sha: str, status: str = "succeeded"):

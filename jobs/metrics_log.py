@@ -1,0 +1,45 @@
+"""A run's metrics history as JSON lines beside its checkpoints: `{storage}/{name}/metrics.jsonl`.
+
+The control plane and people read it while the run goes on. Object stores cannot append, so the
+file is rewritten whole: at most every `interval_s`, and whenever an entry is marked important
+(evaluations, checkpoints, the end). On resume, entries after the resumed step are dropped, since
+those steps run again.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from jobs import storage
+
+FILE_NAME = "metrics.jsonl"
+
+
+class MetricsLog:
+    def __init__(self, run_uri: str, resume_step: int, interval_s: float = 10.0):
+        self.fs, base = storage.filesystem(run_uri)
+        self.path = posixpath.join(base, FILE_NAME)
+        self.interval_s = interval_s
+        self.entries = [e for e in self._read() if e.get("step", 0) <= resume_step]
+        self.written_at = 0.0
+
+    def _read(self) -> list[dict[str, Any]]:
+        if self.fs.get_file_info(self.path).type != pafs.FileType.File:
+            return []
+        text = storage.read_bytes(self.fs, self.path).decode()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def add(self, entry: dict[str, Any], important: bool = False) -> None:
+        self.entries.append(entry | {"time": round(time.time(), 3)})
+        if important or time.monotonic() - self.written_at >= self.interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        data = "".join(json.dumps(e) + "\n" for e in self.entries).encode()
+        storage.write_bytes(self.fs, self.path, data)
+        self.written_at = time.monotonic()

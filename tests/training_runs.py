@@ -1,0 +1,69 @@
+"""Running `jobs.prepare` / `jobs.train` as real subprocesses, as users and Ray jobs do."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def job_env(env: dict | None = None) -> dict:
+    """This environment without RAY_ADDRESS (each job starts its own local cluster), plus `env`."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
+
+
+def run(module: str, spec: dict, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", module, "--spec", json.dumps(spec)], cwd=REPO, env=job_env(env),
+                          capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return proc
+
+
+def run_watching(spec: dict, on_line: Callable[[str, subprocess.Popen], bool], timeout: float = 500) -> tuple[int, str]:
+    """Run `jobs.train` in its own process group, calling `on_line(line, proc)` on each output line
+    until it returns True; returns the exit code and the whole output."""
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", "--spec", json.dumps(spec)], cwd=REPO, env=job_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline, lines, done = time.monotonic() + timeout, [], False
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if not done:
+            done = on_line(line, proc)
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise TimeoutError("".join(lines)[-5000:])
+    return proc.wait(timeout=60), "".join(lines)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the job and everything it started (its local Ray cluster included)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def step_metrics(output: str) -> dict[int, dict]:
+    """Rank 0 prints one JSON object of metrics per report."""
+    metrics = {}
+    for line in output.splitlines():
+        if '{"step"' in line:
+            m = json.loads(line[line.index('{"step"'):])
+            metrics[m["step"]] = m
+    return metrics
+
+
+def training_spec(tiny_model, prepared, storage, **overrides) -> dict:
+    """A short LoRA run of the scaffold model on the demo data, reporting every step."""
+    spec = {"name": "t", "model": {"uri": str(tiny_model), "dtype": "fp32"},
+            "datasets": [{"uri": str(prepared)}], "method": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "optim": {"lr": 0.01, "warmup_ratio": 0.0},
+            "batch": {"micro_batch_size": 2, "grad_accum": 2}, "max_steps": 10, "log_every_steps": 1,
+            "scaling": {"num_workers": 2}, "eval": {"every_steps": 10},
+            "checkpoint": {"storage": str(storage), "every_steps": 5, "keep": 2}}
+    return spec | overrides
