@@ -124,3 +124,15 @@ def test_datasets_mix_by_weight(tiny_model, prepared, tmp_path):
     assert planned_train_rows(spec, manifests) == 2 * rows + rows // 2
     # Weight 2.0: every row twice; weight 0.5: a seeded Bernoulli(0.5) sample of the rows.
     assert 2 * rows + 0.3 * rows <= mixed <= 2 * rows + 0.7 * rows
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tiny_model, prepared, tmp_path):
+    spec = training_spec(tiny_model, prepared, str(tmp_path / "ckpt"), name="plan", max_steps=None, epochs=2)
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--spec", json.dumps(spec), "--dry-run"],
+                          env=job_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(proc.stdout)
+    rows = json.loads((prepared / "manifest.json").read_text())["packing"]["rows"]["train"]
+    assert plan["steps"] == 2 * (rows // 8) and plan["rows_per_step"] == 8  # micro 2 x accum 2 x 2 workers
+    assert plan["parameters"]["trainable"] == 27648 and plan["memory_gib_per_worker"]["device_total"] > 0
+    assert not (tmp_path / "ckpt").exists()
