@@ -9,7 +9,7 @@ import json
 import psutil
 import pytest
 from safetensors.torch import load_file
-from training_runs import kill_group, run, run_watching, step_metrics, training_spec
+from training_runs import kill_tree, latest_registered_step, run, run_watching, step_metrics, training_spec
 
 pytestmark = pytest.mark.integration
 STEPS = 20
@@ -40,21 +40,20 @@ def reference(tiny_model, prepared, tmp_path_factory) -> dict:
 
 def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_model, prepared, tmp_path, reference):
     spec = resume_spec(tiny_model, prepared, tmp_path, "killed")
+    run_dir = tmp_path / "killed"
 
     def kill_after_step_12(line, proc):
         if '{"step": 12,' in line:
-            kill_group(proc)  # the driver and its whole local Ray cluster, mid-run
+            kill_tree(proc)  # the driver and its whole local Ray cluster, mid-run
             return True
         return False
 
     code, _ = run_watching(spec, kill_after_step_12)
     assert code != 0
-    run_dir = tmp_path / "killed"
     assert not (run_dir / f"step_{STEPS:08d}").exists()
     # Ray Train registers a checkpoint once every worker has uploaded it and the controller has
     # taken the report (it polls every 2 s), so step 10's may or may not be registered yet.
-    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    latest = snapshot["latest_checkpoint_result"]["metrics"]["step"]
+    latest = latest_registered_step(run_dir)
     assert latest in (5, 10)
     # What a crash during an upload leaves: a checkpoint directory Ray Train never registered.
     (run_dir / "step_00000015").mkdir(exist_ok=True)
@@ -65,26 +64,30 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
     assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2})" in output
     assert sorted(step_metrics(output)) == list(range(latest + 1, STEPS + 1))
     assert max_difference(final_adapter(tmp_path, "killed"), reference) < 1e-5
-    # The history beside the checkpoints holds every step once: steps 11-12 of the killed attempt are gone.
+    # The history beside the checkpoints holds every step once: the steps after the checkpoint
+    # that the killed attempt ran are gone.
     history = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert history == list(range(1, STEPS + 1))
 
 
 def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepared, tmp_path, reference):
     spec = resume_spec(tiny_model, prepared, tmp_path, "worker-killed", max_failures=1)
-    killed = []
+    killed_at: list[int] = []
 
-    def kill_a_worker_after_step_7(line, proc):
-        if '{"step": 7,' not in line:
+    def kill_a_worker_once_a_checkpoint_is_registered(line, proc):
+        # A failure before Ray Train has registered any checkpoint restarts from scratch (also
+        # exact, but not what this test is about): wait for the step-5 one.
+        latest = latest_registered_step(tmp_path / "worker-killed")
+        if '{"step": ' not in line or latest is None:
             return False
         workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                    if "RayTrainWorker" in " ".join(p.cmdline())]
         assert len(workers) == 2, workers
         workers[-1].kill()
-        killed.append(workers[-1].pid)
+        killed_at.append(latest)
         return True
 
-    code, output = run_watching(spec, kill_a_worker_after_step_7)
-    assert killed and code == 0, output[-5000:]
-    assert "resumed from step 5 (epoch 0, micro-batch 10)" in output
+    code, output = run_watching(spec, kill_a_worker_once_a_checkpoint_is_registered)
+    assert killed_at and code == 0, output[-5000:]
+    assert f"resumed from step {killed_at[0]} (epoch 0, micro-batch {killed_at[0] * 2})" in output
     assert max_difference(final_adapter(tmp_path, "worker-killed"), reference) < 1e-5

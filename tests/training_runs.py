@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -38,14 +37,34 @@ def run_watching(spec: dict, on_line: Callable[[str, subprocess.Popen], bool], t
         if not done:
             done = on_line(line, proc)
         if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc)
             raise TimeoutError("".join(lines)[-5000:])
     return proc.wait(timeout=60), "".join(lines)
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the job and everything it started (its local Ray cluster included)."""
-    os.killpg(proc.pid, signal.SIGKILL)
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the job and every process it started: its local Ray cluster runs in sessions of
+    its own, so killing the job's process group alone leaves the cluster training on."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    for process in [*parent.children(recursive=True), parent]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def latest_registered_step(run_dir: Path) -> int | None:
+    """The step of the latest checkpoint Ray Train has registered for a run, if any."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return None
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+    except ValueError:  # being rewritten
+        return None
+    return latest["metrics"]["step"] if latest else None
 
 
 def step_metrics(output: str) -> dict[int, dict]:
