@@ -4,6 +4,7 @@
       adapter/   the LoRA adapter (PEFT format) with the tokenizer         (method lora/qlora)
       model/     full weights as safetensors, config, generation config, tokenizer
                  (LoRA merged into the base when export.merge_lora; the trained weights for full)
+      */SHA256SUMS  checksums of every file (`sha256sum -c SHA256SUMS`)
 
 Both load with plain `from_pretrained`. The tokenizer carries the chat template the training data
 was rendered with, and the generation config stops at its end-of-turn token, so a plain
@@ -12,6 +13,7 @@ was rendered with, and the generation config stops at its end-of-turn token, so 
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -59,6 +61,14 @@ def build_export(checkpoint_dir: Path, base_model_dir: str, spec: TrainingSpec, 
     return written
 
 
+def write_checksums(out: Path) -> None:
+    """`SHA256SUMS` in each exported model directory (the `sha256sum -c` format), so whoever
+    serves the model can check what they downloaded."""
+    for model_dir in (d for d in out.iterdir() if d.is_dir()):
+        lines = [f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n" for f in sorted(model_dir.iterdir()) if f.is_file()]
+        (model_dir / "SHA256SUMS").write_text("".join(lines))
+
+
 def upload_dir(local: Path, uri: str) -> None:
     """Copy a local directory tree to `uri` (replacing what an earlier export left there)."""
     fs, path = storage.filesystem(uri)
@@ -72,6 +82,7 @@ def export(checkpoint, spec: TrainingSpec, stop_ids: list[int], pad_id: int, bas
     """Export a Ray Train checkpoint to `out_uri`; returns the names of the models written."""
     with tempfile.TemporaryDirectory(prefix="raysft-export-") as tmp, checkpoint.as_directory() as directory:
         written = build_export(Path(directory), base_model_dir, spec, stop_ids, pad_id, Path(tmp))
+        write_checksums(Path(tmp))
         upload_dir(Path(tmp), out_uri)
     print(f"exported {', '.join(written)} to {out_uri}", flush=True)
     return written

@@ -203,7 +203,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if not (save or answer or n % spec.log_every_steps == 0):
                 clock = time.perf_counter()
                 continue
-            metrics = {"step": n, "epoch": progress.epoch} | window.metrics(engine.lr())
+            metrics = {"step": n, "total_steps": total_steps, "epoch": progress.epoch} | window.metrics(engine.lr())
             if save or answer:  # checkpoints are ranked by eval loss, so each one is evaluated
                 metrics |= evaluate(engine, validation.batches(), all_reduce_sum)
             if answer and spec.eval.prompts:

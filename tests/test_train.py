@@ -58,6 +58,9 @@ def load_in_fresh_process(export_dir, base_dir, adapter: bool) -> dict:
 def assert_exported(export_dir, base_dir, adapter: bool) -> None:
     """The export loads with plain transformers (and peft), generates, uses the training chat
     template, and carries the training: its logits differ from the base model's."""
+    for model in ("model", "adapter") if adapter else ("model",):
+        check = subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=export_dir / model)
+        assert check.returncode == 0
     result = load_in_fresh_process(export_dir, base_dir, adapter)
     assert result["generated"] > 0
     assert result["prompt"] == "<|im_start|>user\nHow long should I rest a steak?<|im_end|>\n<|im_start|>assistant\n"
