@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m jobs.train --spec configs/training/cpu-smoke.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check jobs tests benchmarks
+	$(VENV)/bin/ruff check jobs service tests benchmarks
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP)

@@ -245,12 +245,17 @@ def parse_spec_text(text: str, source: str = "<inline>") -> dict[str, Any]:
 
 
 def read_document(spec: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """A spec document from a mapping, a file path, or an inline JSON/YAML string."""
+    """A spec document from a mapping, a file path or s3:// / gs:// URI, or an inline JSON/YAML string."""
     if isinstance(spec, dict):
         return spec
     text = str(spec)
     if text.lstrip().startswith("{"):
         return parse_spec_text(text)
+    if text.startswith(("s3://", "gs://")):  # how the control plane hands specs to jobs on a cluster
+        from jobs import storage
+
+        fs, path = storage.filesystem(text)
+        return parse_spec_text(storage.read_bytes(fs, path).decode(), text)
     path = Path(text)
     if path.is_file():
         return parse_spec_text(path.read_text(), str(path))

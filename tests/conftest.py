@@ -79,3 +79,13 @@ def prepared(tiny_model, example_spec, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "demo"
     run("jobs.prepare", example_spec("demo", out))
     return out
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real Ray head with token auth and its job API on loopback (the embedded default's)."""
+    from service import local_ray
+
+    head = local_ray.start(num_cpus=4)
+    yield head
+    head.stop()

@@ -1,70 +1,25 @@
-"""`ray job submit -- python -m jobs.prepare` against a real local cluster with token auth."""
+"""`ray job submit -- python -m jobs.prepare` and `jobs.train` against a real local cluster with
+token auth (the embedded default's head, `service.local_ray`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from training_runs import training_spec
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    # Ray's socket paths live under the temp dir and must stay short (AF_UNIX limit: 107 bytes).
-    temp_dir = tempfile.mkdtemp(prefix="raysft-", dir="/tmp")
-    dashboard = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
-        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
-    log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - closed after the head stops
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-         f"--temp-dir={temp_dir}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    request = urllib.request.Request(f"{address}/api/version",
-                                     headers={"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(request, timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        pytest.fail(f"the Ray head did not start within 120 s:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
-    yield address, env
-    head.send_signal(signal.SIGTERM)  # --block: the head stops every process it started
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-    log.close()
-    shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def test_ray_job_submit_runs_prepare(ray_head, demo_spec, tmp_path):
-    address, env = ray_head
+def test_ray_job_submit_runs_prepare_then_train(ray_head, demo_spec, tiny_model, tmp_path):
+    address = ray_head.address
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ray_head.env
     (tmp_path / "spec.json").write_text(json.dumps(demo_spec(tmp_path / "out")))
 
     unauthenticated = subprocess.run(
@@ -81,3 +36,15 @@ def test_ray_job_submit_runs_prepare(ray_head, demo_spec, tmp_path):
     assert "succeeded" in proc.stdout and "packing bfd@512" in proc.stdout
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert manifest["status"] == "succeeded" and manifest["counts"]["rows_read"] == 330
+
+    spec = training_spec(tiny_model, tmp_path / "out", tmp_path / "ckpt", name="submitted", max_steps=4,
+                         scaling={"num_workers": 1}, eval={"every_steps": 4},
+                         checkpoint={"storage": str(tmp_path / "ckpt"), "every_steps": 4, "keep": 1})
+    (tmp_path / "train.json").write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--submission-id", "train-1", "--",
+         sys.executable, "-m", "jobs.train", "--spec", str(tmp_path / "train.json")],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "training finished: step 4" in proc.stdout
+    assert (tmp_path / "ckpt/submitted/export/model/model.safetensors").exists()

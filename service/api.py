@@ -1,0 +1,177 @@
+"""The REST API, `/v1`: thin routes over `Control`. Every job belongs to the caller's tenant;
+another tenant's job is a 404, never a 403 (its existence is not disclosed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import posixpath
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, status
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from jobs import storage
+from jobs.spec import SpecError
+from service import progress as progress_files
+from service.control import Conflict, NotFound
+from service.deps import ControlDep, IdempotencyKey, SpecBody, TenantDep
+from service.ray_jobs import RayUnavailable, UnknownToRay
+from service.store import Job, Kind, Status
+
+router = APIRouter(prefix="/v1")
+SPEC_BODY_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "additionalProperties": True}},
+    "application/yaml": {"schema": {"type": "string"}}}}}
+
+
+class Progress(BaseModel):
+    stage: str | None = Field(None, description="prepare | train")
+    percent: float | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    rows: int | None = Field(None, description="Rows read by the preparation.")
+    tokens_per_s: float | None = None
+    trainable_tokens_per_s: float | None = None
+    eta_s: float | None = Field(None, description="Seconds left at the current step time.")
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: Kind
+    status: Status
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: Progress
+    metrics: dict[str, Any] | None = Field(None, description="The latest metrics (trainings).")
+    artifacts: dict[str, Any] = Field(default_factory=dict, description="Outputs that exist: manifest, "
+                                      "checkpoints, metrics, exported model and adapter.")
+    children: list[str] = Field(default_factory=list, description="A pipeline's dataset and training job ids.")
+    spec: dict[str, Any]
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+def job_out(job: Job, children: list[Job] = ()) -> JobOut:
+    cached = job.progress or {}
+    return JobOut(id=job.id, kind=job.kind, status=job.status, error=job.error, created_at=job.created_at,
+                  started_at=job.started_at, finished_at=job.finished_at,
+                  progress=Progress.model_validate({k: v for k, v in cached.items() if k in Progress.model_fields}),
+                  metrics=cached.get("metrics"), artifacts=cached.get("artifacts", {}),
+                  children=[c.id for c in children], spec=job.spec)
+
+
+def _create(control, tenant: str, kind: Kind, body: dict[str, Any], key: str | None) -> JobOut:
+    try:
+        job = control.create(tenant, kind, body, key)
+    except SpecError as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"problems": e.problems}) from None
+    except Conflict as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"problems": [f"Idempotency-Key: {e}"]}) from None
+    return job_out(job, control.children(job))
+
+
+@router.post("/datasets", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, openapi_extra=SPEC_BODY_DOC,
+             summary="Prepare a dataset (runs jobs.prepare)")
+def create_dataset(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None) -> JobOut:
+    return _create(control, tenant, Kind.DATASET, body, key)
+
+
+@router.post("/trainings", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, openapi_extra=SPEC_BODY_DOC,
+             summary="Train (runs jobs.train); a dataset may be named `job:<dataset job id>`")
+def create_training(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None) -> JobOut:
+    return _create(control, tenant, Kind.TRAINING, body, key)
+
+
+@router.post("/pipelines", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, openapi_extra=SPEC_BODY_DOC,
+             summary="Prepare, then train on the result: {dataset: ..., training: ...}")
+def create_pipeline(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None) -> JobOut:
+    return _create(control, tenant, Kind.PIPELINE, body, key)
+
+
+@router.get("/jobs", response_model=JobPage)
+def list_jobs(control: ControlDep, tenant: TenantDep, kind: Kind | None = None, status_: Status | None = Query(None, alias="status"),
+              limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=10**9)) -> JobPage:
+    jobs, total = control.list(tenant, kind, status_, limit, offset)
+    return JobPage(items=[job_out(j) for j in jobs], total=total, limit=limit, offset=offset)
+
+
+def _job(control, tenant: str, job_id: str) -> Job:
+    try:
+        return control.get(tenant, job_id)
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+def get_job(control: ControlDep, tenant: TenantDep, job_id: str) -> JobOut:
+    job = _job(control, tenant, job_id)
+    return job_out(job, control.children(job))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+def cancel_job(control: ControlDep, tenant: TenantDep, job_id: str) -> JobOut:
+    _job(control, tenant, job_id)
+    try:
+        job = control.cancel(tenant, job_id)
+    except RayUnavailable as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Ray unreachable: {e}") from None
+    return job_out(job, control.children(job))
+
+
+def _ray_job(control, job: Job) -> Job:
+    """The job whose Ray logs/metrics stand for `job`: a pipeline's latest child."""
+    if job.kind is not Kind.PIPELINE:
+        return job
+    children = control.children(job)
+    if not children:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "the pipeline has not started a job yet")
+    return children[-1]
+
+
+@router.get("/jobs/{job_id}/metrics")
+def job_metrics(control: ControlDep, tenant: TenantDep, job_id: str) -> list[dict[str, Any]]:
+    """The metrics history of a training (or a pipeline's training), one entry per logging step."""
+    job = _ray_job(control, _job(control, tenant, job_id))
+    if job.kind is not Kind.TRAINING:
+        return []
+    uri = posixpath.join(progress_files.run_dir(job.spec), "metrics.jsonl")
+    fs, path = storage.filesystem(uri)
+    try:
+        text = storage.read_bytes(fs, path).decode()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {}}}})
+async def job_logs(control: ControlDep, tenant: TenantDep, job_id: str, tail: int = Query(1000, ge=1, le=100_000),
+                   follow: bool = False):
+    job = _ray_job(control, _job(control, tenant, job_id))
+    if not job.submitted:
+        return PlainTextResponse("")
+    if follow:
+        async def stream():
+            try:
+                async for chunk in control.ray.follow(job.submission_id):
+                    yield chunk
+            except RayUnavailable as e:
+                yield f"\n[raysft] log stream ended: {e}\n"
+        return StreamingResponse(stream(), media_type="text/plain")
+    try:
+        text = await asyncio.to_thread(control.ray.logs, job.submission_id)
+    except UnknownToRay:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "Ray no longer has this job's logs") from None
+    except RayUnavailable as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Ray unreachable: {e}") from None
+    return PlainTextResponse("\n".join(text.splitlines()[-tail:]))

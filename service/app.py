@@ -1,0 +1,138 @@
+"""The FastAPI application: wiring only (routes in `api.py`, behaviour in `control.py`).
+
+    uvicorn --factory service.app:create_app     (or: raysft serve)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
+
+from service import api, store
+from service.control import Control
+from service.ray_jobs import RayJobs
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("raysft.service")
+
+
+class BodyLimit:
+    """413 for bodies over the limit, whether announced by Content-Length or streamed (FastAPI has
+    no limit of its own)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._reject(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send):
+        body = b'{"detail":"request body too large"}'
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def ray_address(settings: Settings) -> str:
+    return settings.ray_address or os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")
+
+
+async def reconcile_forever(control: Control, interval_s: float) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(control.reconcile_once)
+        except Exception:  # a failed pass must not stop the loop: the next one retries
+            log.exception("reconcile pass failed")
+        await asyncio.sleep(interval_s)
+
+
+def create_app(settings: Settings | None = None, ray: RayJobs | None = None, reconcile: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    registry = CollectorRegistry()
+    requests = Counter("raysft_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
+    latency = Histogram("raysft_http_request_seconds", "HTTP request latency", ["method", "route"], registry=registry)
+    jobs_gauge = Gauge("raysft_jobs", "Jobs by status", ["status"], registry=registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store.migrate(settings.database_url)
+        engine = store.make_engine(settings.database_url)
+        control = Control(store.session_factory(engine), ray or RayJobs(ray_address(settings)), settings)
+        if (key := settings.bootstrap_key()) is not None:
+            with control.sessions() as session:
+                store.create_api_key(session, "admin", key)
+        app.state.control = control
+        task = asyncio.create_task(reconcile_forever(control, settings.reconcile_interval_s)) if reconcile else None
+        yield
+        if task is not None:
+            task.cancel()
+        engine.dispose()
+
+    app = FastAPI(title="raysft", version="0.1.0", lifespan=lifespan,
+                  description="Supervised fine-tuning jobs on Ray: prepare datasets, train, run pipelines.")
+    app.include_router(api.router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except OperationalError:  # the database is down: say so, lose nothing
+            response = JSONResponse({"detail": "database unavailable"}, status_code=503, headers={"Retry-After": "5"})
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        requests.labels(request.method, route, response.status_code).inc()
+        latency.labels(request.method, route).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/healthz", include_in_schema=True)
+    def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    def readyz(request: Request) -> JSONResponse:
+        checks = request.app.state.control.ready()
+        return JSONResponse({"ready": all(checks.values()), **checks}, status_code=200 if all(checks.values()) else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        with request.app.state.control.sessions() as session:
+            counts = dict(session.execute(select(store.Job.status, func.count()).group_by(store.Job.status)).all())
+        for status in store.Status:
+            jobs_gauge.labels(status.value).set(counts.get(status, 0))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

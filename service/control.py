@@ -1,0 +1,289 @@
+"""What the control plane does with jobs: create (idempotently), submit, cancel, reconcile.
+
+The database is the source of truth. A job is written (QUEUED, with its Ray submission id) before
+Ray is called, so a crash between the two leaves a record the reconcile loop submits; Ray refuses
+a second job with the same submission id and the service adopts the first. The reconcile loop
+keeps records in step with Ray, marks jobs Ray no longer knows as LOST, advances pipelines and
+caches progress so GETs never wait on storage or Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from jobs import storage
+from jobs.spec import SpecError
+from service import progress, specs
+from service.ray_jobs import RayJobs, RayUnavailable, UnknownToRay
+from service.settings import Settings
+from service.store import Job, Kind, Status, new_id, now
+from service.uris import UriPolicy
+
+log = logging.getLogger("raysft.service")
+
+
+class Conflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+class NotFound(Exception):
+    pass
+
+
+def request_hash(kind: Kind, body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({"kind": kind.value, "body": body}, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Control:
+    sessions: sessionmaker[Session]
+    ray: RayJobs
+    settings: Settings
+    policy: UriPolicy = field(init=False)
+    ray_down_since: float | None = None
+
+    def __post_init__(self) -> None:
+        self.policy = UriPolicy(self.settings.artifact_root, self.settings.data_dir.absolute(),
+                                tuple(self.settings.shared_read_prefixes))
+
+    # ------------------------------------------------------------ creating
+
+    def create(self, tenant: str, kind: Kind, body: dict[str, Any], idempotency_key: str | None) -> Job:
+        """Validate, record, then submit. Raises SpecError (422) or Conflict (422)."""
+        digest = request_hash(kind, body)
+        if idempotency_key and (existing := self._by_key(tenant, idempotency_key)) is not None:
+            return self._same_request(existing, digest)
+        job_id = new_id()
+        spec = self._build(tenant, kind, body, job_id)
+        with self.sessions() as session:
+            job = Job(id=job_id, tenant_id=tenant, kind=kind, status=Status.QUEUED, spec=spec, request_hash=digest,
+                      idempotency_key=idempotency_key, submission_id=f"raysft-{job_id}" if kind is not Kind.PIPELINE else None)
+            session.add(job)
+            if kind is Kind.PIPELINE:
+                session.add(self._child(job, Kind.DATASET, spec["dataset"]))
+            try:
+                session.commit()
+            except IntegrityError:  # a concurrent request with the same key won the insert
+                session.rollback()
+                existing = self._by_key(tenant, idempotency_key) if idempotency_key else None
+                if existing is None:
+                    raise
+                return self._same_request(existing, digest)
+        self.submit_pending(job.id)
+        return self.get(tenant, job.id)
+
+    def _build(self, tenant: str, kind: Kind, body: dict[str, Any], job_id: str) -> dict[str, Any]:
+        if kind is Kind.DATASET:
+            return specs.dataset_spec(body, self.policy, tenant, job_id).model_dump(mode="json")
+        if kind is Kind.TRAINING:
+            return specs.training_spec(body, self.policy, tenant, job_id, lambda ref: self._dataset_output(tenant, ref),
+                                       self.settings.trusted_remote_code_models).model_dump(mode="json")
+        problems = [f"{k}: required" for k in ("dataset", "training") if not isinstance(body.get(k), dict)]
+        if problems:
+            raise SpecError(problems)
+        dataset = self._prefixed("dataset", lambda: specs.dataset_spec(body["dataset"], self.policy, tenant, job_id))
+        training_body = {**body["training"], "datasets": [{"uri": dataset.output}]}
+        training = self._prefixed("training", lambda: specs.training_spec(
+            training_body, self.policy, tenant, job_id, lambda ref: self._dataset_output(tenant, ref),
+            self.settings.trusted_remote_code_models))
+        return {"dataset": dataset.model_dump(mode="json"), "training": training.model_dump(mode="json")}
+
+    @staticmethod
+    def _prefixed(name: str, build):
+        try:
+            return build()
+        except SpecError as e:
+            raise SpecError([f"{name}.{p}" for p in e.problems]) from None
+
+    def _child(self, parent: Job, kind: Kind, spec: dict[str, Any]) -> Job:
+        child_id = new_id()
+        return Job(id=child_id, tenant_id=parent.tenant_id, kind=kind, status=Status.QUEUED, spec=spec,
+                   request_hash=parent.request_hash, parent_id=parent.id, submission_id=f"raysft-{child_id}")
+
+    def _dataset_output(self, tenant: str, job_id: str) -> str:
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+        if job is None or job.tenant_id != tenant or job.kind is not Kind.DATASET:
+            raise SpecError([f"no dataset job {job_id!r}"])
+        if job.status is not Status.SUCCEEDED:
+            raise SpecError([f"dataset job {job_id} is {job.status.value}: train once it has SUCCEEDED"])
+        return job.spec["output"]
+
+    def _by_key(self, tenant: str, key: str) -> Job | None:
+        with self.sessions() as session:
+            return session.scalar(select(Job).where(Job.tenant_id == tenant, Job.idempotency_key == key))
+
+    @staticmethod
+    def _same_request(job: Job, digest: str) -> Job:
+        if job.request_hash != digest:
+            raise Conflict(f"Idempotency-Key already used for job {job.id} with a different request body")
+        return job
+
+    # ------------------------------------------------------------ submitting
+
+    def spec_uri(self, job: Job) -> str:
+        return f"{specs.job_dir(self.policy, job.tenant_id, job.id)}/spec.json"
+
+    def submit_pending(self, job_id: str) -> None:
+        """Write the spec file and submit to Ray (it and any QUEUED children not yet submitted).
+        If Ray cannot be reached the job stays QUEUED and the reconcile loop tries again."""
+        with self.sessions() as session:
+            jobs = session.scalars(select(Job).where(
+                ((Job.id == job_id) | (Job.parent_id == job_id)), Job.kind != Kind.PIPELINE,
+                Job.submitted.is_(False), Job.status == Status.QUEUED)).all()
+            for job in jobs:
+                uri = self.spec_uri(job)
+                fs, path = storage.filesystem(uri)
+                storage.write_bytes(fs, path, json.dumps(job.spec, indent=2).encode())
+                try:
+                    self.ray.submit(job.kind, storage.absolute(uri), job.submission_id,
+                                    {"raysft_job_id": job.id, "raysft_tenant": job.tenant_id})
+                except RayUnavailable as e:
+                    log.warning("job %s not submitted yet: %s", job.id, e)
+                    continue
+                job.submitted = True
+                session.commit()
+
+    # ------------------------------------------------------------ reading
+
+    def get(self, tenant: str, job_id: str) -> Job:
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+        if job is None or job.tenant_id != tenant:
+            raise NotFound(job_id)
+        return job
+
+    def children(self, job: Job) -> list[Job]:
+        with self.sessions() as session:
+            return list(session.scalars(select(Job).where(Job.parent_id == job.id).order_by(Job.created_at)))
+
+    def list(self, tenant: str, kind: Kind | None, status: Status | None, limit: int, offset: int) -> tuple[list[Job], int]:
+        from sqlalchemy import func
+
+        query = select(Job).where(Job.tenant_id == tenant, Job.parent_id.is_(None))
+        if kind is not None:
+            query = query.where(Job.kind == kind)
+        if status is not None:
+            query = query.where(Job.status == status)
+        with self.sessions() as session:
+            total = session.scalar(select(func.count()).select_from(query.subquery()))
+            rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+        return list(rows), int(total or 0)
+
+    # ------------------------------------------------------------ cancelling
+
+    def cancel(self, tenant: str, job_id: str) -> Job:
+        job = self.get(tenant, job_id)
+        with self.sessions() as session:
+            targets = session.scalars(select(Job).where((Job.id == job.id) | (Job.parent_id == job.id))).all()
+            for target in targets:
+                if target.status.is_terminal:
+                    continue
+                if target.submitted:
+                    try:
+                        self.ray.stop(target.submission_id)
+                    except UnknownToRay:
+                        pass
+                target.finish(Status.CANCELLED, "cancelled by request")
+            session.commit()
+        return self.get(tenant, job_id)
+
+    # ------------------------------------------------------------ reconciling
+
+    def reconcile_once(self) -> None:
+        with self.sessions() as session:
+            active = session.scalars(select(Job).where(Job.status.in_([Status.QUEUED, Status.RUNNING]))).all()
+            ids = [(j.id, j.kind, j.submitted) for j in active]
+        for job_id, kind, submitted in ids:
+            if kind is Kind.PIPELINE:
+                continue
+            if not submitted:
+                self.submit_pending(job_id)
+                continue
+            try:
+                self._reconcile_job(job_id)
+            except RayUnavailable as e:
+                self._ray_down(e)
+                return
+        self.ray_down_since = None
+        for job_id, kind, _ in ids:
+            if kind is Kind.PIPELINE:
+                self._advance_pipeline(job_id)
+
+    def _reconcile_job(self, job_id: str) -> None:
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+            try:
+                ray_job = self.ray.status(job.submission_id)
+            except UnknownToRay:
+                job.finish(Status.LOST, "Ray no longer knows this job: the cluster was restarted or its job "
+                                        "history was lost; resubmit it (a training resumes from its checkpoints)")
+                session.commit()
+                return
+            if ray_job.status is Status.RUNNING and job.started_at is None:
+                job.started_at = now()
+            if ray_job.status is not Status.QUEUED:
+                job.progress = progress.read(job.kind.value, job.spec)
+            if ray_job.status.is_terminal:
+                job.finish(ray_job.status, None if ray_job.status is Status.SUCCEEDED else ray_job.message[-2000:])
+            else:
+                job.status = ray_job.status
+            session.commit()
+
+    def _ray_down(self, error: Exception) -> None:
+        """Ray unreachable: jobs keep their status for a while (a restart is short), then are LOST."""
+        self.ray_down_since = self.ray_down_since or time.monotonic()
+        down = time.monotonic() - self.ray_down_since
+        log.warning("Ray unreachable for %.0f s: %s", down, error)
+        if down < self.settings.ray_unreachable_lost_s:
+            return
+        with self.sessions() as session:
+            for job in session.scalars(select(Job).where(Job.status.in_([Status.QUEUED, Status.RUNNING]),
+                                                         Job.submitted.is_(True))):
+                job.finish(Status.LOST, f"Ray unreachable for {down:.0f} s: {str(error)[:300]}")
+            session.commit()
+
+    def _advance_pipeline(self, pipeline_id: str) -> None:
+        """Dataset first; training once it has SUCCEEDED; the pipeline ends with its last child."""
+        with self.sessions() as session:
+            pipeline = session.get(Job, pipeline_id)
+            children = {c.kind: c for c in session.scalars(select(Job).where(Job.parent_id == pipeline_id))}
+            dataset, training = children.get(Kind.DATASET), children.get(Kind.TRAINING)
+            submit = None
+            if dataset.status is Status.SUCCEEDED and training is None:
+                training = self._child(pipeline, Kind.TRAINING, pipeline.spec["training"])
+                session.add(training)
+                submit = training.id
+            current = training or dataset
+            if current.status is Status.RUNNING and pipeline.status is Status.QUEUED:
+                pipeline.status, pipeline.started_at = Status.RUNNING, pipeline.started_at or now()
+            failed = next((c for c in (dataset, training) if c is not None and c.status.is_terminal
+                           and c.status is not Status.SUCCEEDED), None)
+            if failed is not None:
+                pipeline.finish(failed.status, f"{failed.kind.value} job {failed.id} {failed.status.value}: {failed.error}")
+            elif training is not None and training.status is Status.SUCCEEDED:
+                pipeline.finish(Status.SUCCEEDED)
+            pipeline.progress = progress.pipeline(dataset.progress or {}, training.progress if training else None)
+            session.commit()
+        if submit is not None:
+            self.submit_pending(pipeline_id)
+
+    def ready(self) -> dict[str, bool]:
+        from sqlalchemy import text
+
+        try:
+            with self.sessions() as session:
+                session.execute(text("SELECT 1"))
+            database = True
+        except Exception:
+            database = False
+        return {"database": database, "ray": self.ray.reachable()}

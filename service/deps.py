@@ -1,0 +1,55 @@
+"""Request dependencies: the control plane, the caller's tenant, and a spec body."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import yaml
+from fastapi import Depends, Header, HTTPException, Request, status
+
+from service.control import Control
+from service.store import tenant_for_key
+
+
+def get_control(request: Request) -> Control:
+    return request.app.state.control
+
+
+ControlDep = Annotated[Control, Depends(get_control)]
+
+
+def current_tenant(control: ControlDep, authorization: Annotated[str | None, Header()] = None) -> str:
+    """Bearer API key → tenant. Keys are stored hashed; an unknown key is a 401 like a missing one."""
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer API key",
+                            headers={"WWW-Authenticate": "Bearer"})
+    with control.sessions() as session:
+        tenant = tenant_for_key(session, key.strip())
+    if tenant is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+TenantDep = Annotated[str, Depends(current_tenant)]
+
+
+async def spec_body(request: Request) -> dict[str, Any]:
+    """The request body as a mapping: JSON, or YAML (safe-loaded) with a YAML content type."""
+    raw = await request.body()
+    try:
+        if "yaml" in request.headers.get("content-type", ""):
+            data = yaml.safe_load(raw)
+        else:
+            data = json.loads(raw or b"null")
+    except (ValueError, yaml.YAMLError) as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            {"problems": [f"<body>: not valid JSON/YAML: {str(e)[:200]}"]}) from None
+    if not isinstance(data, dict):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"problems": ["<body>: must be an object (a spec)"]})
+    return data
+
+
+SpecBody = Annotated[dict[str, Any], Depends(spec_body)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]

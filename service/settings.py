@@ -1,0 +1,57 @@
+"""Service settings, from `RAYSFT_*` environment variables (pydantic-settings).
+
+With nothing set, the service runs the embedded default: a data directory `.raysft/` holding
+the SQLite database, the artifacts (specs, prepared datasets, checkpoints) and a local Ray head
+that `raysft serve` starts and stops. Production sets a PostgreSQL URL, an object-storage
+artifact root and the address of a Ray cluster.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAYSFT_", extra="forbid")
+
+    data_dir: Path = Field(Path(".raysft"), description="Embedded default's home: SQLite, artifacts, local Ray.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty: sqlite under data_dir. "
+                              "PostgreSQL: postgresql+psycopg://user:pass@host/db.")
+    ray_address: str = Field("", description="Ray dashboard address (http://head:8265); empty: RAY_ADDRESS, "
+                             "else the local head `raysft serve` starts.")
+    artifact_root: str = Field("", description="Where job specs and outputs go (local path or s3://bucket/prefix); "
+                               "each tenant gets tenants/<tenant>/ under it. Empty: data_dir/artifacts.")
+    shared_read_prefixes: list[str] = Field(default_factory=list, description="URI prefixes every tenant may "
+                                            "read (base models, tokenizers), besides its own artifacts.")
+    admin_api_key: SecretStr | None = Field(None, description="Bootstrap key of the `admin` tenant.")
+    admin_api_key_file: Path | None = Field(None, description="The same, read from a file (a mounted secret).")
+    trusted_remote_code_models: list[str] = Field(default_factory=list, description="Model URIs allowed "
+                                                  "trust_remote_code: true.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Request bodies above this get 413.")
+    reconcile_interval_s: float = Field(2.0, gt=0, description="How often job records are checked against Ray.")
+    ray_unreachable_lost_s: float = Field(120.0, ge=0, description="How long Ray may be unreachable before "
+                                          "its running jobs are marked LOST.")
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'raysft.db').absolute()}"
+        if not self.artifact_root:
+            self.artifact_root = str((self.data_dir / "artifacts").absolute())
+        return self
+
+    def bootstrap_key(self) -> str | None:
+        if self.admin_api_key is not None:
+            return self.admin_api_key.get_secret_value()
+        if self.admin_api_key_file is not None:
+            return self.admin_api_key_file.read_text().strip()
+        return None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,74 @@
+"""From a request body to the spec a job runs: the same pydantic contract as the job CLIs, plus
+what the service decides (where outputs go) and what it forbids (URIs outside the tenant's
+prefixes, untrusted remote code). Every problem is reported at once, with its field path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from jobs.spec import DatasetSpec, SpecError, validate
+from jobs.train_spec import TrainingSpec
+from service.uris import UriPolicy
+
+JOB_REF = "job:"  # a training dataset named by the id of the dataset job that prepared it
+
+
+def job_dir(policy: UriPolicy, tenant: str, job_id: str) -> str:
+    return f"{policy.tenant_root(tenant)}/jobs/{job_id}"
+
+
+def dataset_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: str) -> DatasetSpec:
+    """`output` defaults to the job's own directory under the tenant's prefix."""
+    body = {**body, "output": body.get("output") or f"{job_dir(policy, tenant, job_id)}/dataset"}
+    spec = validate(DatasetSpec, body)
+    problems = [f"sources.{i}.uri: {p}" for i, s in enumerate(spec.sources)
+                if (p := policy.check(s.uri, tenant, write=False))]
+    if p := policy.check(spec.tokenizer, tenant, write=False):
+        problems.append(f"tokenizer: {p}")
+    if p := policy.check(spec.output, tenant, write=True):
+        problems.append(f"output: {p}")
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def training_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: str,
+                  dataset_output: Callable[[str], str], trusted_models: list[str]) -> TrainingSpec:
+    """`checkpoint.storage` defaults to the job's own directory; a dataset `uri: job:<id>` becomes
+    that dataset job's output (`dataset_output` raises SpecError when it is not a succeeded
+    dataset job of this tenant)."""
+    body = dict(body)
+    checkpoint = dict(body.get("checkpoint") or {})
+    checkpoint.setdefault("storage", f"{job_dir(policy, tenant, job_id)}/checkpoints")
+    body["checkpoint"] = checkpoint
+    problems: list[str] = []
+    datasets = []
+    for i, ref in enumerate(body.get("datasets") or []):
+        if isinstance(ref, dict) and str(ref.get("uri", "")).startswith(JOB_REF):
+            try:
+                ref = {**ref, "uri": dataset_output(ref["uri"][len(JOB_REF):])}
+            except SpecError as e:
+                problems.extend(f"datasets.{i}.uri: {p}" for p in e.problems)
+        datasets.append(ref)
+    if "datasets" in body:
+        body["datasets"] = datasets
+    try:
+        spec = validate(TrainingSpec, body)
+    except SpecError as e:
+        raise SpecError(problems + e.problems) from None
+    problems += [f"datasets.{i}.uri: {p}" for i, d in enumerate(spec.datasets)
+                 if (p := policy.check(d.uri, tenant, write=False))]
+    if p := policy.check(spec.model.uri, tenant, write=False):
+        problems.append(f"model.uri: {p}")
+    if p := policy.check(spec.checkpoint.storage, tenant, write=True):
+        problems.append(f"checkpoint.storage: {p}")
+    if spec.checkpoint.resume not in ("latest", "none") and (p := policy.check(spec.checkpoint.resume, tenant, write=False)):
+        problems.append(f"checkpoint.resume: {p}")
+    if spec.model.trust_remote_code and spec.model.uri not in trusted_models:
+        problems.append("model.trust_remote_code: this model is not on the operator's allowlist "
+                        "(RAYSFT_TRUSTED_REMOTE_CODE_MODELS): set it to false")
+    if problems:
+        raise SpecError(problems)
+    return spec

@@ -1,0 +1,150 @@
+"""The database: the source of truth for tenants, API keys and jobs (SQLAlchemy 2).
+
+SQLite by default, PostgreSQL in production; the schema is created and upgraded by Alembic
+(`service/migrations`), never by `create_all`, so both databases run the same migrations.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import secrets
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Enum, ForeignKey, String, Text, UniqueConstraint, create_engine, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+class Status(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    LOST = "LOST"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self not in (Status.QUEUED, Status.RUNNING)
+
+
+class Kind(enum.StrEnum):
+    DATASET = "dataset"
+    TRAINING = "training"
+    PIPELINE = "pipeline"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def hash_key(key: str) -> str:
+    """API keys are random 256-bit tokens, so one SHA-256 is enough to store them safely."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
+                      # one dataset and one training per pipeline, however many replicas reconcile it
+                      UniqueConstraint("parent_id", "kind", name="uq_jobs_parent_kind"))
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    kind: Mapped[Kind] = mapped_column(Enum(Kind, native_enum=False, length=16))
+    status: Mapped[Status] = mapped_column(Enum(Status, native_enum=False, length=16), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    submission_id: Mapped[str | None] = mapped_column(String(64), unique=True)  # the Ray job's
+    submitted: Mapped[bool] = mapped_column(default=False)  # Ray has accepted it
+    error: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # cached by the reconcile loop
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, onupdate=now)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    def finish(self, status: Status, error: str | None = None) -> None:
+        self.status, self.error, self.finished_at = status, error, now()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        # One writer at a time, many readers: WAL lets GETs run while the reconcile loop writes.
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        from sqlalchemy import event
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(connection, _record):
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the latest Alembic revision."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+# ---------------------------------------------------------------- tenants and keys
+
+
+def create_api_key(session: Session, tenant_id: str, key: str | None = None) -> str:
+    """Create the tenant if new and a key for it; returns the key (shown once, stored hashed)."""
+    if session.get(Tenant, tenant_id) is None:
+        session.add(Tenant(id=tenant_id))
+    key = key or f"rsk_{secrets.token_urlsafe(32)}"
+    if session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key))) is None:
+        session.add(ApiKey(tenant_id=tenant_id, key_hash=hash_key(key)))
+    session.commit()
+    return key
+
+
+def tenant_for_key(session: Session, key: str) -> str | None:
+    return session.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key)))

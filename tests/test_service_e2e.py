@@ -1,0 +1,175 @@
+"""Issue 4 acceptance 1 and 2, end to end: the service under uvicorn on loopback, a real local
+Ray head with token auth, real HTTP. A pipeline on the scaffold model succeeds while its progress
+is seen to grow; cancel stops the Ray job; a service restart mid-job keeps and reconciles the
+record; a Ray restart mid-job ends it LOST with the reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from service_fixtures import ADMIN_KEY, REPO, dataset_body, service_settings, training_body
+
+from service import local_ray
+
+pytestmark = pytest.mark.integration
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "LOST"}
+
+
+class Service:
+    """`uvicorn --factory service.app:create_app` in a subprocess, restartable."""
+
+    def __init__(self, data_dir: Path, tiny_model: Path, head: local_ray.LocalRay, **settings):
+        service_settings(data_dir, tiny_model)  # lays out the data directory
+        self.port = local_ray.free_port()
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | head.env | {
+            "RAYSFT_DATA_DIR": str(data_dir), "RAYSFT_ADMIN_API_KEY": ADMIN_KEY,
+            "RAYSFT_SHARED_READ_PREFIXES": json.dumps([str(data_dir / "models")]),
+            "RAYSFT_RECONCILE_INTERVAL_S": "0.5"} | {f"RAYSFT_{k.upper()}": str(v) for k, v in settings.items()}
+        self.log = data_dir / "service.log"
+        self.process = None
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
+             "--port", str(self.port)], cwd=REPO, env=self.env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30,
+                                 headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if self.http.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.3)
+        raise RuntimeError(self.log.read_text()[-3000:])
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def wait(self, job_id: str, until=lambda job: job["status"] in TERMINAL, timeout: float = 400) -> list[dict]:
+        """Poll the job until `until(job)`; returns every response seen."""
+        seen, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.http.get(f"/v1/jobs/{job_id}").json()
+            seen.append(job)
+            if until(job):
+                return seen
+            time.sleep(0.5)
+        raise TimeoutError(json.dumps(seen[-1], indent=2) + self.log.read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def head():
+    ray = local_ray.start(num_cpus=4)
+    yield ray
+    ray.stop()
+
+
+@pytest.fixture
+def service(tmp_path, tiny_model, head):
+    svc = Service(tmp_path / "data", tiny_model, head)
+    yield svc
+    svc.kill()
+
+
+def test_pipeline_runs_to_success_and_survives_a_service_restart(service, tmp_path):
+    data_dir = tmp_path / "data"
+    inputs = data_dir / "artifacts/tenants/admin/inputs"
+    inputs.mkdir(parents=True)
+    # A file whose name is shell syntax: it must be read as a name, never run.
+    (inputs / "$(touch pwned).jsonl").write_bytes((REPO / "configs/data/messages.jsonl").read_bytes())
+    (inputs / "alpaca.jsonl").write_bytes((REPO / "configs/data/alpaca.jsonl").read_bytes())
+    body = {"dataset": dataset_body(data_dir, sources=[{"uri": str(inputs / "alpaca.jsonl"), "format": "alpaca"},
+                                                        {"uri": str(inputs / "$(touch pwned).jsonl"), "format": "messages"}]),
+            "training": training_body(data_dir, eval={"every_steps": 6, "prompts": ["How long should I rest a steak?"],
+                                                      "max_new_tokens": 8})}
+    created = service.http.post("/v1/pipelines", json=body)
+    assert created.status_code == 202, created.text
+    pipeline = created.json()
+
+    # Restart the service once training is under way: the record survives and is reconciled.
+    service.wait(pipeline["id"], until=lambda job: (job["progress"].get("step") or 0) >= 1)
+    service.kill()
+    service.start()
+    seen = service.wait(pipeline["id"])
+    final = seen[-1]
+    assert final["status"] == "SUCCEEDED", json.dumps(final, indent=2)
+    percents = [job["progress"]["percent"] for job in seen if job["progress"]["percent"] is not None]
+    assert percents == sorted(percents) and percents[-1] == 100.0 and len(set(percents)) >= 3
+    dataset_id, training_id = final["children"]
+
+    history = service.http.get(f"/v1/jobs/{pipeline['id']}/metrics").json()
+    assert [m["step"] for m in history][-1] == 12 and "eval_loss" in history[-1]
+    assert history[-1]["generations"][0]["prompt"] == "How long should I rest a steak?"
+    assert "training finished: step 12" in service.http.get(f"/v1/jobs/{training_id}/logs").text
+    assert "succeeded" in service.http.get(f"/v1/jobs/{dataset_id}/logs").text
+
+    artifacts = final["artifacts"]
+    assert Path(artifacts["manifest"]).is_file() and Path(artifacts["metrics"]).is_file()
+    assert (Path(artifacts["export_model"]) / "model.safetensors").is_file()
+    assert all(Path(c).is_dir() for c in artifacts["checkpoints"]) and artifacts["checkpoints"]
+    assert not list(REPO.glob("pwned")) and not list(data_dir.rglob("pwned"))
+    # The Ray job carries ids only: no spec, no secrets.
+    metadata = httpx.get(f"{service.env['RAY_ADDRESS']}/api/jobs/raysft-{training_id}",
+                         headers={"Authorization": f"Bearer {service.env['RAY_AUTH_TOKEN']}"}).json()["metadata"]
+    assert set(metadata) == {"raysft_job_id", "raysft_tenant"}
+
+
+def test_cancel_stops_the_ray_job(service, tmp_path):
+    data_dir = tmp_path / "data"
+    dataset = service.http.post("/v1/datasets", json=dataset_body(data_dir, sources=[
+        {"uri": str(data_dir / "artifacts/tenants/acme/inputs/alpaca.jsonl"), "format": "alpaca"}]))
+    assert dataset.status_code == 422  # the admin tenant may not read acme's inputs
+    inputs = data_dir / "artifacts/tenants/admin/inputs"
+    inputs.mkdir(parents=True)
+    (inputs / "alpaca.jsonl").write_bytes((REPO / "configs/data/alpaca.jsonl").read_bytes())
+    body = {"dataset": dataset_body(data_dir, sources=[{"uri": str(inputs / "alpaca.jsonl"), "format": "alpaca"}]),
+            "training": training_body(data_dir, max_steps=10_000, checkpoint={"every_steps": 10_000})}
+    pipeline = service.http.post("/v1/pipelines", json=body).json()
+    service.wait(pipeline["id"], until=lambda job: (job["progress"].get("step") or 0) >= 1)
+    cancelled = service.http.post(f"/v1/jobs/{pipeline['id']}/cancel").json()
+    assert cancelled["status"] == "CANCELLED"
+    training_id = cancelled["children"][1]
+    token = service.env["RAY_AUTH_TOKEN"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ray_status = httpx.get(f"{service.env['RAY_ADDRESS']}/api/jobs/raysft-{training_id}",
+                               headers={"Authorization": f"Bearer {token}"}).json()["status"]
+        if ray_status == "STOPPED":
+            break
+        time.sleep(1)
+    assert ray_status == "STOPPED"
+    assert service.http.get(f"/v1/jobs/{training_id}").json()["status"] == "CANCELLED"
+
+
+def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason(tmp_path, tiny_model):
+    data_dir = tmp_path / "data"
+    head = local_ray.start(num_cpus=4)
+    service = Service(data_dir, tiny_model, head)
+    try:
+        inputs = data_dir / "artifacts/tenants/admin/inputs"
+        inputs.mkdir(parents=True)
+        (inputs / "alpaca.jsonl").write_bytes((REPO / "configs/data/alpaca.jsonl").read_bytes())
+        job = service.http.post("/v1/datasets", json=dataset_body(data_dir, sources=[
+            {"uri": str(inputs / "alpaca.jsonl"), "format": "alpaca"}])).json()
+        service.wait(job["id"], until=lambda j: j["status"] == "RUNNING")
+        port = int(head.address.rsplit(":", 1)[1])
+        head.stop()
+        head = local_ray.start(num_cpus=4, dashboard_port=port, token=head.token)  # same address, empty job table
+        started = time.monotonic()
+        final = service.wait(job["id"], timeout=120)[-1]
+        assert final["status"] == "LOST" and "Ray no longer knows this job" in final["error"]
+        assert time.monotonic() - started < 60
+    finally:
+        service.kill()
+        head.stop()

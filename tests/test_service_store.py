@@ -1,0 +1,104 @@
+"""The store on SQLite and on a real PostgreSQL server (pgserver: PostgreSQL's own binaries,
+started on a private socket): the same migrations, the same constraints."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from service import store
+from service.store import Job, Kind, Status
+
+
+@pytest.fixture(scope="module")
+def postgres_url(tmp_path_factory):
+    pgserver = pytest.importorskip("pgserver")
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    yield server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+    server.cleanup()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'raysft.db'}"
+    url = request.getfixturevalue("postgres_url")
+    engine = store.make_engine(url)
+    with engine.begin() as connection:  # each test starts from an empty database
+        connection.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def sessions(url):
+    store.migrate(url)
+    engine = store.make_engine(url)
+    yield store.session_factory(engine)
+    engine.dispose()
+
+
+def test_migrations_build_exactly_the_models_schema(url, sessions):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    engine = store.make_engine(url)
+    with engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), store.Base.metadata)
+    engine.dispose()
+    assert diff == []
+    store.migrate(url)  # idempotent: already at head
+
+
+def job(tenant="acme", **fields) -> Job:
+    return Job(**{"tenant_id": tenant, "kind": Kind.DATASET, "status": Status.QUEUED, "spec": {"name": "x"},
+                  "request_hash": "h"} | fields)
+
+
+def test_keys_are_stored_hashed_and_map_to_their_tenant(sessions):
+    with sessions() as session:
+        key = store.create_api_key(session, "acme")
+        assert store.tenant_for_key(session, key) == "acme"
+        assert store.tenant_for_key(session, key + "x") is None
+        stored = session.scalars(select(store.ApiKey.key_hash)).all()
+    assert key not in stored and store.hash_key(key) in stored
+
+
+def test_one_job_per_tenant_and_idempotency_key(sessions):
+    with sessions() as session:
+        store.create_api_key(session, "acme")
+        store.create_api_key(session, "globex")
+        session.add_all([job(idempotency_key="k"), job(tenant="globex", idempotency_key="k"), job(), job()])
+        session.commit()
+        session.add(job(idempotency_key="k"))
+        with pytest.raises(IntegrityError):
+            session.commit()
+
+
+def test_one_training_per_pipeline(sessions):
+    with sessions() as session:
+        store.create_api_key(session, "acme")
+        parent = job()
+        parent.kind = Kind.PIPELINE
+        session.add(parent)
+        session.commit()
+        session.add(job(parent_id=parent.id, submission_id="a"))
+        session.commit()
+        session.add(job(parent_id=parent.id, submission_id="b"))
+        with pytest.raises(IntegrityError):
+            session.commit()
+
+
+def test_statuses_and_spec_round_trip(sessions):
+    with sessions() as session:
+        store.create_api_key(session, "acme")
+        record = job(spec={"name": "x", "sources": [{"uri": "s3://b/k", "weight": 0.5}]})
+        session.add(record)
+        session.commit()
+        record.finish(Status.LOST, "gone")
+        session.commit()
+    with sessions() as session:
+        loaded = session.get(Job, record.id)
+        assert loaded.status is Status.LOST and loaded.status.is_terminal and loaded.error == "gone"
+        assert loaded.spec["sources"][0]["weight"] == 0.5 and loaded.finished_at is not None
