@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO := .cache/demo
 
-.PHONY: setup demo test test-unit bench clean
+.PHONY: setup demo demo-jobs test test-unit bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	scripts/demo.sh
+
+# The jobs alone, without the service: what `ray job submit` runs.
+demo-jobs: $(STAMP)
 	$(PY) -m jobs.scaffold_model $(DEMO)/tiny-model
 	$(PY) -m jobs.prepare --spec configs/datasets/demo.yaml
 	rm -rf $(DEMO)/checkpoints/cpu-smoke  # a fresh run each time (the same name would resume)
@@ -36,6 +40,7 @@ test-unit: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/prepare.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/api.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -21,7 +21,16 @@ from service.deps import ControlDep, IdempotencyKey, SpecBody, TenantDep
 from service.ray_jobs import RayUnavailable, UnknownToRay
 from service.store import Job, Kind, Status
 
-router = APIRouter(prefix="/v1")
+
+class Problems(BaseModel):
+    problems: list[str] = Field(description="Every problem, each with its field path and the fix.")
+
+
+class ProblemResponse(BaseModel):
+    detail: Problems
+
+
+router = APIRouter(prefix="/v1", responses={422: {"model": ProblemResponse, "description": "Invalid request"}})
 SPEC_BODY_DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "additionalProperties": True}},
     "application/yaml": {"schema": {"type": "string"}}}}}

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy import func, select
@@ -104,6 +105,12 @@ def create_app(settings: Settings | None = None, ray: RayJobs | None = None, rec
     app = FastAPI(title="raysft", version="0.1.0", lifespan=lifespan,
                   description="Supervised fine-tuning jobs on Ray: prepare datasets, train, run pipelines.")
     app.include_router(api.router)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        """FastAPI's own 422s (query, headers) in the same shape as spec problems."""
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()]
+        return JSONResponse({"detail": {"problems": problems}}, status_code=422)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):

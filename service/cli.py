@@ -136,9 +136,22 @@ def wait(job_id: str, interval: float = 2.0) -> None:
                 break
             time.sleep(interval)
     typer.echo(f"{job['status']}" + (f": {job['error']}" if job.get("error") else ""))
-    for name, uri in job.get("artifacts", {}).items():
-        typer.echo(f"  {name}: {uri}")
+    typer.echo(result_summary(job))
     raise typer.Exit(0 if job["status"] == "SUCCEEDED" else 1)
+
+
+def result_summary(job: dict) -> str:
+    """Final metrics, where the outputs are, and one generated answer."""
+    lines = []
+    metrics = job.get("metrics") or {}
+    shown = {k: round(metrics[k], 4) for k in ("step", "loss", "eval_loss", "perplexity", "token_accuracy") if k in metrics}
+    if shown:
+        lines.append("final metrics: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+    for name, uri in job.get("artifacts", {}).items():
+        lines.append(f"{name}: {uri[-1] if isinstance(uri, list) and uri else uri}")
+    for generation in metrics.get("generations", [])[:1]:
+        lines.append(f"prompt: {generation['prompt']}\nanswer: {generation['answer']}")
+    return "\n".join(lines)
 
 
 def main() -> None:

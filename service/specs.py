@@ -23,6 +23,9 @@ def dataset_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: s
     """`output` defaults to the job's own directory under the tenant's prefix."""
     body = {**body, "output": body.get("output") or f"{job_dir(policy, tenant, job_id)}/dataset"}
     spec = validate(DatasetSpec, body)
+    spec = spec.model_copy(update={
+        "sources": [s.model_copy(update={"uri": policy.resolve(s.uri)}) for s in spec.sources],
+        "tokenizer": policy.resolve(spec.tokenizer), "output": policy.resolve(spec.output)})
     problems = [f"sources.{i}.uri: {p}" for i, s in enumerate(spec.sources)
                 if (p := policy.check(s.uri, tenant, write=False))]
     if p := policy.check(spec.tokenizer, tenant, write=False):
@@ -58,6 +61,13 @@ def training_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: 
         spec = validate(TrainingSpec, body)
     except SpecError as e:
         raise SpecError(problems + e.problems) from None
+    checkpoint_spec = spec.checkpoint.model_copy(update={"storage": policy.resolve(spec.checkpoint.storage)})
+    if spec.checkpoint.resume not in ("latest", "none"):
+        checkpoint_spec = checkpoint_spec.model_copy(update={"resume": policy.resolve(spec.checkpoint.resume)})
+    spec = spec.model_copy(update={
+        "model": spec.model.model_copy(update={"uri": policy.resolve(spec.model.uri)}),
+        "datasets": [d.model_copy(update={"uri": policy.resolve(d.uri)}) for d in spec.datasets],
+        "checkpoint": checkpoint_spec})
     problems += [f"datasets.{i}.uri: {p}" for i, d in enumerate(spec.datasets)
                  if (p := policy.check(d.uri, tenant, write=False))]
     if p := policy.check(spec.model.uri, tenant, write=False):

@@ -3,7 +3,8 @@
 Jobs read and write local paths, s3:// and gs:// only, so nothing else is accepted (no http(s):
 no request to an internal address can be smuggled in through a spec). A tenant writes only under
 its own prefix, `<artifact_root>/tenants/<tenant>/`, and reads from there or from the operator's
-shared prefixes (base models, tokenizers). Local paths must stay inside the data directory.
+shared prefixes (base models, tokenizers). Local paths must stay inside the data directory;
+relative ones are relative to it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class UriPolicy:
         if problem is not None:
             raise ValueError(f"configured prefix {prefix!r}: {problem}")
         return normal
+
+    def resolve(self, uri: str) -> str:
+        """The form a job gets: local paths absolute (relative ones are inside the data directory)."""
+        normal, problem = _normalise(uri, self.data_dir)
+        return normal if problem is None and "://" not in uri else uri
 
     def check(self, uri: str, tenant: str, write: bool) -> str | None:
         """The problem with `uri` for this tenant, or None when it may be used."""

@@ -52,3 +52,9 @@ def test_local_paths_stay_inside_the_data_directory(local):
     assert local.check(f"file://{DATA}/artifacts/tenants/acme/in.jsonl", "acme", write=True) is None
     assert "inside the data directory" in local.check("/tmp/x", "acme", write=False)
     assert "'..'" in local.check(str(DATA / "artifacts/tenants/acme/../../../../etc/passwd"), "acme", write=False)
+
+
+def test_relative_local_paths_are_inside_the_data_directory(local):
+    assert local.check("artifacts/tenants/acme/in.jsonl", "acme", write=False) is None
+    assert local.resolve("artifacts/tenants/acme/in.jsonl") == str(DATA / "artifacts/tenants/acme/in.jsonl")
+    assert local.resolve("s3://b/k") == "s3://b/k"

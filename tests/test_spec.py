@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from jobs.spec import DatasetSpec, SourceFormat, SpecError, TemplateName, load_spec
 
@@ -73,8 +74,18 @@ def test_spec_hash_ignores_layout():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
-    assert path.parent.name in ("datasets", "training"), f"{path}: configs/ holds datasets/ and training/ specs"
+    assert path.parent.name in ("datasets", "training", "pipelines"), \
+        f"{path}: configs/ holds datasets/, training/ and pipelines/ specs"
     assert path.read_text().startswith("#"), "every preset opens with a comment giving its command"
+    if path.parent.name == "pipelines":  # what the service fills in: outputs, the prepared dataset
+        from jobs.train_spec import load_training_spec
+
+        pipeline = yaml.safe_load(path.read_text())
+        assert set(pipeline) == {"dataset", "training"}
+        load_spec(pipeline["dataset"] | {"output": "out"})
+        load_training_spec(pipeline["training"] | {"datasets": [{"uri": "d"}],
+                                                   "checkpoint": pipeline["training"]["checkpoint"] | {"storage": "c"}})
+        return
     if path.parent.name == "training":
         from jobs.train_spec import check_environment, load_training_spec
 
