@@ -18,7 +18,7 @@ cp configs/data/* "$DATA/artifacts/tenants/admin/inputs/"
 
 "$VENV/bin/raysft" serve --port "$PORT" > "$DATA/service.log" 2>&1 &
 SERVE=$!
-trap 'kill -INT $SERVE 2>/dev/null; wait $SERVE 2>/dev/null || true' EXIT
+trap 'kill -TERM $SERVE 2>/dev/null; wait $SERVE 2>/dev/null || true' EXIT
 for _ in $(seq 120); do
   "$VENV/bin/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1])" "$RAYSFT_URL/healthz" 2>/dev/null && break
   kill -0 $SERVE 2>/dev/null || { tail -20 "$DATA/service.log"; exit 1; }

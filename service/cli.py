@@ -62,7 +62,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     if not (settings.ray_address or os.environ.get("RAY_ADDRESS")):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         typer.echo("starting a local Ray head (token auth, dashboard on 127.0.0.1) ...")
-        head = local_ray.start(log_path=settings.data_dir / "ray-head.log")
+        # At least 4 logical CPUs, even on a 2-core machine: a 2-worker training plus the Ray Data
+        # tasks that feed it would otherwise wait on each other forever.
+        head = local_ray.start(num_cpus=max(os.cpu_count() or 1, 4), log_path=settings.data_dir / "ray-head.log")
         os.environ.update(head.env)  # the service, and only it, holds the token
     try:
         uvicorn.run("service.app:create_app", factory=True, host=host, port=port)

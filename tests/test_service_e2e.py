@@ -119,6 +119,16 @@ def test_pipeline_runs_to_success_and_survives_a_service_restart(service, tmp_pa
     assert (Path(artifacts["export_model"]) / "model.safetensors").is_file()
     assert all(Path(c).is_dir() for c in artifacts["checkpoints"]) and artifacts["checkpoints"]
     assert not list(REPO.glob("pwned")) and not list(data_dir.rglob("pwned"))
+    # The CLI, as a script would use it: exit codes it can trust.
+    raysft = str(Path(sys.executable).with_name("raysft"))
+    cli_env = service.env | {"RAYSFT_URL": f"http://127.0.0.1:{service.port}", "RAYSFT_API_KEY": ADMIN_KEY}
+    waited = subprocess.run([raysft, "jobs", "wait", pipeline["id"]], env=cli_env, capture_output=True, text=True)
+    assert waited.returncode == 0 and "SUCCEEDED" in waited.stdout and "answer:" in waited.stdout, waited.stdout
+    listed = subprocess.run([raysft, "jobs", "list", "--kind", "pipeline"], env=cli_env, capture_output=True, text=True)
+    assert pipeline["id"] in listed.stdout
+    assert subprocess.run([raysft, "jobs", "get", "nope"], env=cli_env, capture_output=True).returncode == 2
+    assert subprocess.run([raysft, "jobs", "list"], env=cli_env | {"RAYSFT_URL": "http://127.0.0.1:9"},
+                          capture_output=True).returncode == 3
     # The Ray job carries ids only: no spec, no secrets.
     metadata = httpx.get(f"{service.env['RAY_ADDRESS']}/api/jobs/raysft-{training_id}",
                          headers={"Authorization": f"Bearer {service.env['RAY_AUTH_TOKEN']}"}).json()["metadata"]
