@@ -42,7 +42,7 @@ def seed(url: str, jobs: int) -> list[str]:
     with sessions() as session:
         store.create_api_key(session, "bench", KEY)
         for i in range(jobs):
-            job = store.Job(tenant_id="bench", kind=store.Kind.DATASET, status=store.Status.SUCCEEDED,
+            job = store.Job(id=store.new_id(), tenant_id="bench", kind=store.Kind.DATASET, status=store.Status.SUCCEEDED,
                             spec={"name": f"d{i}", "sources": [{"uri": "s3://b/k"}]}, request_hash="x",
                             progress={"stage": "prepare", "percent": 100.0, "rows": 1000})
             session.add(job)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
         # tasks that feed it would otherwise wait on each other forever.
         head = local_ray.start(num_cpus=max(os.cpu_count() or 1, 4), log_path=settings.data_dir / "ray-head.log")
         os.environ.update(head.env)  # the service, and only it, holds the token
+    # uvicorn re-raises SIGTERM once it has shut down; with the default handler that would end the
+    # process before `finally` could stop the Ray head.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run("service.app:create_app", factory=True, host=host, port=port)
     finally:

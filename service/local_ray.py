@@ -4,10 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,13 +36,26 @@ class LocalRay:
         """What a client of this head needs (the service, `ray job submit`)."""
         return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # --block: the head stops every process it started
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+    def stop(self, grace_s: float = 5) -> None:
+        """SIGTERM the head and every process under it (GCS, raylet, dashboard, workers), then
+        SIGKILL what is left after `grace_s`. `ray start --block` alone does not stop its children
+        promptly on SIGTERM, and they run in sessions of their own."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.process.pid)
+            processes = [*root.children(recursive=True), root]
+        except psutil.NoSuchProcess:
+            processes = []
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.terminate()
+        _, alive = psutil.wait_procs(processes, timeout=grace_s)
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(alive, timeout=grace_s)
+        self.process.poll()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
