@@ -222,3 +222,13 @@ def test_list_filters_and_pages(client, data_dir):
 def test_logs_tail(client, data_dir):
     job = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client)).json()
     assert client.get(f"/v1/jobs/{job['id']}/logs", params={"tail": 2}, headers=auth(client)).text == "line 3\nline 4"
+
+
+def test_readiness_reports_ray_down_and_prometheus_counts(client, ray, data_dir):
+    client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client))
+    ray.down = True
+    not_ready = client.get("/readyz")
+    assert not_ready.status_code == 503 and not_ready.json() == {"ready": False, "database": True, "ray": False}
+    text = client.get("/metrics").text
+    assert 'raysft_jobs{status="QUEUED"} 1.0' in text
+    assert 'raysft_http_requests_total{method="POST",route="/v1/datasets",status="202"} 1.0' in text
