@@ -1,0 +1,53 @@
+# syntax=docker/dockerfile:1
+# One image for the control plane and every Ray node: Ray needs the same Python and packages on
+# all of them. Built on Ray's official image; CPU by default.
+#   docker build -t raysft:cpu .
+#   docker build -t raysft:gpu --build-arg RAY_VARIANT=py311-cu128 --build-arg EXTRAS=gpu .
+# GPU images: the cu* base brings CUDA; torch==2.13.0 from PyPI is the CUDA build there. For
+# flash_attention_2, add flash-attn to the build stage (it compiles against the CUDA toolkit, or
+# install its prebuilt wheel matching torch and CUDA).
+ARG RAY_VERSION=2.60.0
+ARG RAY_VARIANT=py311-cpu
+
+FROM rayproject/ray:${RAY_VERSION}-${RAY_VARIANT} AS build
+ARG EXTRAS=""
+USER root
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential ninja-build \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY requirements/ requirements/
+COPY jobs/ jobs/
+COPY service/ service/
+# The README's and CI's install commands, into a virtualenv the final stage copies. DeepSpeed's
+# CPU shared-memory op is compiled here, ahead of time, so nothing compiles at run time.
+RUN python -m venv /opt/raysft \
+ && /opt/raysft/bin/pip install --no-cache-dir -U pip setuptools wheel \
+ && /opt/raysft/bin/pip install --no-cache-dir torch==2.13.0 \
+ && DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 /opt/raysft/bin/pip install --no-cache-dir \
+      --no-build-isolation -c requirements/constraints.txt ".${EXTRAS:+[$EXTRAS]}" \
+ && find /opt/raysft -name "__pycache__" -prune -exec rm -rf {} +
+
+FROM rayproject/ray:${RAY_VERSION}-${RAY_VARIANT}
+ARG RAY_VERSION
+LABEL org.opencontainers.image.title="raysft" \
+      org.opencontainers.image.description="Supervised fine-tuning jobs on Ray: control plane and Ray nodes" \
+      org.opencontainers.image.source="https://github.com/raysft/raysft" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.base.name="rayproject/ray:${RAY_VERSION}"
+COPY --from=build --chown=1000:100 /opt/raysft /opt/raysft
+COPY --chown=1000:100 configs/ /opt/raysft/configs/
+ENV PATH=/opt/raysft/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    RAYSFT_DATA_DIR=/tmp/raysft \
+    RAY_AUTH_MODE=token
+# Ray's image runs as `ray` (uid 1000); never root.
+USER 1000:100
+WORKDIR /home/ray
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+CMD ["raysft", "serve", "--host", "0.0.0.0", "--port", "8000"]
