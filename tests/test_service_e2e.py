@@ -98,10 +98,10 @@ def test_pipeline_runs_to_success_and_survives_a_service_restart(service, tmp_pa
     pipeline = created.json()
 
     # Restart the service once training is under way: the record survives and is reconciled.
-    service.wait(pipeline["id"], until=lambda job: (job["progress"].get("step") or 0) >= 1)
+    seen = service.wait(pipeline["id"], until=lambda job: (job["progress"].get("step") or 0) >= 1)
     service.kill()
     service.start()
-    seen = service.wait(pipeline["id"])
+    seen += service.wait(pipeline["id"])
     final = seen[-1]
     assert final["status"] == "SUCCEEDED", json.dumps(final, indent=2)
     percents = [job["progress"]["percent"] for job in seen if job["progress"]["percent"] is not None]
