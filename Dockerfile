@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 # One image for the control plane and every Ray node: Ray needs the same Python and packages on
 # all of them. Built on Ray's official image; CPU by default.
-#   docker build -t raysft:cpu .
-#   docker build -t raysft:gpu --build-arg RAY_VARIANT=py311-cu128 --build-arg EXTRAS=gpu .
+#   docker build -t ghcr.io/raysft/raysft:0.1.0-cpu .
+#   docker build -t ghcr.io/raysft/raysft:0.1.0-gpu --build-arg RAY_VARIANT=py311-cu128 --build-arg EXTRAS=gpu .
+# (the Helm chart runs `<appVersion>-gpu` by default, `-cpu` with image.flavor=cpu)
 # GPU images: the cu* base brings CUDA; torch==2.13.0 from PyPI is the CUDA build there. For
 # flash_attention_2, add flash-attn to the build stage (it compiles against the CUDA toolkit, or
 # install its prebuilt wheel matching torch and CUDA).

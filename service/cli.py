@@ -63,9 +63,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     if not (settings.ray_address or os.environ.get("RAY_ADDRESS")):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         typer.echo("starting a local Ray head (token auth, dashboard on 127.0.0.1) ...")
-        # At least 4 logical CPUs, even on a 2-core machine: a 2-worker training plus the Ray Data
-        # tasks that feed it would otherwise wait on each other forever.
-        head = local_ray.start(num_cpus=max(os.cpu_count() or 1, 4), log_path=settings.data_dir / "ray-head.log")
+        head = local_ray.start(num_cpus=local_ray.default_num_cpus(), log_path=settings.data_dir / "ray-head.log")
         os.environ.update(head.env)  # the service, and only it, holds the token
     # uvicorn re-raises SIGTERM once it has shut down; with the default handler that would end the
     # process before `finally` could stop the Ray head.
@@ -75,6 +73,29 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     finally:
         if head is not None:
             head.stop()
+
+
+@app.command("ray-head")
+def ray_head(env_file: Annotated[Path, typer.Option(help="Where to write RAY_ADDRESS, RAY_AUTH_MODE and "
+                                                         "RAY_AUTH_TOKEN for clients (mode 0600).")],
+             num_cpus: Annotated[int | None, typer.Option(help="Logical CPUs; default as `serve`.")] = None) -> None:
+    """Start the embedded default's Ray head alone (token auth, dashboard on 127.0.0.1) for scripts
+    and `ray job submit`; stop it on Ctrl-C or SIGTERM."""
+    from service import local_ray
+
+    env_file.parent.mkdir(parents=True, exist_ok=True)
+    head = local_ray.start(num_cpus=num_cpus or local_ray.default_num_cpus(), log_path=env_file.with_suffix(".log"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        env_file.touch(mode=0o600)
+        env_file.write_text("".join(f"{key}={value}\n" for key, value in head.env.items()))
+        typer.echo(f"Ray head at {head.address}; client settings in {env_file}")
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        env_file.unlink(missing_ok=True)
+        head.stop()
 
 
 @app.command()

@@ -59,6 +59,12 @@ class LocalRay:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def default_num_cpus() -> int:
+    """At least 4 logical CPUs, even on a 2-core machine: a 2-worker training plus the Ray Data
+    tasks that feed it would otherwise wait on each other forever."""
+    return max(os.cpu_count() or 1, 4)
+
+
 def start(num_cpus: int | None = None, log_path: Path | None = None, timeout_s: float = 120,
           dashboard_port: int | None = None, token: str | None = None) -> LocalRay:
     """Start a head (`ray start --head --block`) and wait until its job API answers. The token

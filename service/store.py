@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import JSON, DateTime, Enum, ForeignKey, String, Text, UniqueConstraint, create_engine, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -137,13 +138,21 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 def create_api_key(session: Session, tenant_id: str, key: str | None = None) -> str:
     """Create the tenant if new and a key for it; returns the key (shown once, stored hashed)."""
+    key = key or f"rsk_{secrets.token_urlsafe(32)}"
+    try:
+        _add_key(session, tenant_id, key)
+    except IntegrityError:
+        session.rollback()  # a replica starting beside this one added the same rows first
+        _add_key(session, tenant_id, key)
+    return key
+
+
+def _add_key(session: Session, tenant_id: str, key: str) -> None:
     if session.get(Tenant, tenant_id) is None:
         session.add(Tenant(id=tenant_id))
-    key = key or f"rsk_{secrets.token_urlsafe(32)}"
     if session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key))) is None:
         session.add(ApiKey(tenant_id=tenant_id, key_hash=hash_key(key)))
     session.commit()
-    return key
 
 
 def tenant_for_key(session: Session, key: str) -> str | None:

@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-import dockerfile
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from deploy_facts import REPO, arg_default, dockerfile_commands
 
 
 @pytest.fixture(scope="module")
 def commands():
-    return dockerfile.parse_file(str(REPO / "Dockerfile"))
+    return dockerfile_commands()
 
 
 def stages(commands) -> list[list]:
@@ -25,11 +22,6 @@ def stages(commands) -> list[list]:
         if out:
             out[-1].append(command)
     return out
-
-
-def arg_default(commands, name: str) -> str:
-    [value] = [c.value[0].split("=", 1)[1] for c in commands if c.cmd == "ARG" and c.value[0].startswith(f"{name}=")]
-    return value
 
 
 def test_built_on_rays_image_of_the_pinned_version_cpu_by_default(commands):

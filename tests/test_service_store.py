@@ -3,6 +3,9 @@ started on a private socket): the same migrations, the same constraints."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -49,6 +52,26 @@ def test_migrations_build_exactly_the_models_schema(url, sessions):
     engine.dispose()
     assert diff == []
     store.migrate(url)  # idempotent: already at head
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("url", ["postgresql"], indirect=True)  # SQLite is a one-replica install
+def test_replicas_starting_together_migrate_and_bootstrap_once(url):
+    """Four API replicas start at once, as in a Deployment's rollout: each process migrates and
+    adds the bootstrap key. An advisory lock serialises the migrations; a replica that loses the
+    race for the key's rows retries and finds them."""
+    replica = ("import sys; from service import store; url = sys.argv[1]; store.migrate(url); "
+               "s = store.session_factory(store.make_engine(url))(); store.create_api_key(s, 'admin', 'k-boot')")
+    processes = [subprocess.Popen([sys.executable, "-c", replica, url], stderr=subprocess.PIPE, text=True)
+                 for _ in range(4)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=180)
+        assert process.returncode == 0, stderr[-3000:]
+    engine = store.make_engine(url)
+    with store.session_factory(engine)() as session:
+        assert store.tenant_for_key(session, "k-boot") == "admin"
+        assert len(session.scalars(select(store.ApiKey)).all()) == 1
+    engine.dispose()
 
 
 def job(tenant="acme", **fields) -> Job:
