@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from jobs import storage
 from jobs.spec import SpecError
 from service import progress as progress_files
-from service.control import Conflict, NotFound
+from service.control import Conflict, NotFound, TooManyJobs
 from service.deps import ControlDep, IdempotencyKey, SpecBody, TenantDep
 from service.ray_jobs import RayUnavailable, UnknownToRay
 from service.store import Job, Kind, Status
@@ -30,7 +30,15 @@ class ProblemResponse(BaseModel):
     detail: Problems
 
 
-router = APIRouter(prefix="/v1", responses={422: {"model": ProblemResponse, "description": "Invalid request"}})
+class Message(BaseModel):
+    detail: str
+
+
+router = APIRouter(prefix="/v1", responses={
+    422: {"model": ProblemResponse, "description": "Invalid request"},
+    429: {"model": Message, "description": "The tenant's request rate or active-job limit; see Retry-After",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait"}}},
+    503: {"model": Message, "description": "The database (or Ray, where needed) is unavailable; see Retry-After"}})
 SPEC_BODY_DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "additionalProperties": True}},
     "application/yaml": {"schema": {"type": "string"}}}}}
@@ -86,6 +94,9 @@ def _create(control, tenant: str, kind: Kind, body: dict[str, Any], key: str | N
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"problems": e.problems}) from None
     except Conflict as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"problems": [f"Idempotency-Key: {e}"]}) from None
+    except TooManyJobs as e:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, str(e),
+                            headers={"Retry-After": str(e.retry_after_s)}) from None
     return job_out(job, control.children(job))
 
 
@@ -179,8 +190,11 @@ async def job_logs(control: ControlDep, tenant: TenantDep, job_id: str, tail: in
         return StreamingResponse(stream(), media_type="text/plain")
     try:
         text = await asyncio.to_thread(control.ray.logs, job.submission_id)
-    except UnknownToRay:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "Ray no longer has this job's logs") from None
-    except RayUnavailable as e:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Ray unreachable: {e}") from None
+    except (UnknownToRay, RayUnavailable) as e:
+        # Ray lost the job (a head restart) or is down: the copy the reconcile loop kept.
+        text = await asyncio.to_thread(control.saved_log, job)
+        if text is None and isinstance(e, UnknownToRay):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "Ray no longer has this job's logs") from None
+        if text is None:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Ray unreachable: {e}") from None
     return PlainTextResponse("\n".join(text.splitlines()[-tail:]))

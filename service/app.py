@@ -21,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 
 from service import api, store
 from service.control import Control
+from service.limits import TokenBuckets
 from service.ray_jobs import RayJobs
 from service.settings import Settings, get_settings
 
@@ -141,5 +142,6 @@ def create_app(settings: Settings | None = None, ray: RayJobs | None = None, rec
             jobs_gauge.labels(status.value).set(counts.get(status, 0))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.state.request_rate = TokenBuckets(settings.tenant_requests_per_s, settings.tenant_request_burst)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,6 +29,7 @@ from service.store import Job, Kind, Status, new_id, now
 from service.uris import UriPolicy
 
 log = logging.getLogger("raysft.service")
+LOG_COPY_BYTES = 4 << 20  # the tail of a job's log kept beside its outputs
 
 
 class Conflict(Exception):
@@ -37,6 +38,12 @@ class Conflict(Exception):
 
 class NotFound(Exception):
     pass
+
+
+class TooManyJobs(Exception):
+    """The tenant already has its limit of queued or running jobs."""
+
+    retry_after_s = 30
 
 
 def request_hash(kind: Kind, body: dict[str, Any]) -> str:
@@ -50,6 +57,7 @@ class Control:
     settings: Settings
     policy: UriPolicy = field(init=False)
     ray_down_since: float | None = None
+    log_copied_at: dict[str, float] = field(default_factory=dict)  # job id -> monotonic time
 
     def __post_init__(self) -> None:
         self.policy = UriPolicy(self.settings.artifact_root, self.settings.data_dir.absolute(),
@@ -62,6 +70,9 @@ class Control:
         digest = request_hash(kind, body)
         if idempotency_key and (existing := self._by_key(tenant, idempotency_key)) is not None:
             return self._same_request(existing, digest)
+        if (active := self._active_jobs(tenant)) >= self.settings.tenant_max_active_jobs:
+            raise TooManyJobs(f"tenant {tenant} has {active} jobs queued or running (the limit is "
+                              f"{self.settings.tenant_max_active_jobs}); submit again when one ends")
         job_id = new_id()
         spec = self._build(tenant, kind, body, job_id)
         with self.sessions() as session:
@@ -118,6 +129,12 @@ class Control:
             raise SpecError([f"dataset job {job_id} is {job.status.value}: train once it has SUCCEEDED"])
         return job.spec["output"]
 
+    def _active_jobs(self, tenant: str) -> int:
+        """Queued or running jobs of a tenant; a pipeline's children count with their pipeline."""
+        with self.sessions() as session:
+            return session.scalar(select(func.count()).select_from(Job).where(
+                Job.tenant_id == tenant, Job.parent_id.is_(None), Job.status.in_((Status.QUEUED, Status.RUNNING))))
+
     def _by_key(self, tenant: str, key: str) -> Job | None:
         with self.sessions() as session:
             return session.scalar(select(Job).where(Job.tenant_id == tenant, Job.idempotency_key == key))
@@ -132,6 +149,9 @@ class Control:
 
     def spec_uri(self, job: Job) -> str:
         return f"{specs.job_dir(self.policy, job.tenant_id, job.id)}/spec.json"
+
+    def log_copy_uri(self, job: Job) -> str:
+        return f"{specs.job_dir(self.policy, job.tenant_id, job.id)}/job.log"
 
     def submit_pending(self, job_id: str) -> None:
         """Write the spec file and submit to Ray (it and any QUEUED children not yet submitted).
@@ -233,11 +253,36 @@ class Control:
                 job.started_at = now()
             if ray_job.status is not Status.QUEUED:
                 job.progress = progress.read(job.kind.value, job.spec)
+                self._copy_log(job, last=ray_job.status.is_terminal)
             if ray_job.status.is_terminal:
                 job.finish(ray_job.status, None if ray_job.status is Status.SUCCEEDED else ray_job.message[-2000:])
             else:
                 job.status = ray_job.status
             session.commit()
+
+    def _copy_log(self, job: Job, last: bool) -> None:
+        """Keep a copy of the Ray log beside the job's outputs (every `log_copy_interval_s`, and
+        once more at the end): Ray's copy is gone when its head restarts."""
+        if not last and time.monotonic() - self.log_copied_at.get(job.id, 0.0) < self.settings.log_copy_interval_s:
+            return
+        try:
+            text = self.ray.logs(job.submission_id)[-LOG_COPY_BYTES:]
+            fs, path = storage.filesystem(self.log_copy_uri(job))
+            storage.write_bytes(fs, path, text.encode())
+        except Exception as e:  # a missed copy must not stop reconciling: the next pass copies again
+            log.warning("job %s: log not copied: %s", job.id, e)
+            return
+        self.log_copied_at[job.id] = time.monotonic()
+        if last:
+            self.log_copied_at.pop(job.id)
+
+    def saved_log(self, job: Job) -> str | None:
+        """The last copy of a job's log, or None."""
+        fs, path = storage.filesystem(self.log_copy_uri(job))
+        try:
+            return storage.read_bytes(fs, path).decode(errors="replace")
+        except FileNotFoundError:
+            return None
 
     def _ray_down(self, error: Exception) -> None:
         """Ray unreachable: jobs keep their status for a while (a restart is short), then are LOST."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any
 
 import yaml
@@ -19,8 +20,9 @@ def get_control(request: Request) -> Control:
 ControlDep = Annotated[Control, Depends(get_control)]
 
 
-def current_tenant(control: ControlDep, authorization: Annotated[str | None, Header()] = None) -> str:
-    """Bearer API key → tenant. Keys are stored hashed; an unknown key is a 401 like a missing one."""
+def current_tenant(request: Request, control: ControlDep, authorization: Annotated[str | None, Header()] = None) -> str:
+    """Bearer API key → tenant, within the tenant's request rate. Keys are stored hashed; an
+    unknown key is a 401 like a missing one."""
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer API key",
@@ -29,6 +31,9 @@ def current_tenant(control: ControlDep, authorization: Annotated[str | None, Hea
         tenant = tenant_for_key(session, key.strip())
     if tenant is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+    if wait_s := request.app.state.request_rate.take(tenant):
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, f"tenant {tenant}: request rate limit; retry later",
+                            headers={"Retry-After": str(math.ceil(wait_s))})
     return tenant
 
 

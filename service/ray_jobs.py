@@ -10,6 +10,7 @@ reads it; it never appears in job metadata.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +25,10 @@ STATUSES = {"PENDING": Status.QUEUED, "RUNNING": Status.RUNNING, "SUCCEEDED": St
 
 class RayUnavailable(Exception):
     """Ray's job API could not be reached or answered with an error."""
+
+
+class AlreadySubmitted(Exception):
+    """Ray already has a job with this submission id: the submit is adopted, not an error."""
 
 
 class UnknownToRay(Exception):
@@ -65,18 +70,17 @@ class RayJobs:
             text = str(e)
             if "404" in text or "does not exist" in text:
                 raise UnknownToRay(text) from e
+            if "already exists" in text:  # Ray's 500 carries a traceback: look before cutting it short
+                raise AlreadySubmitted(text[-300:]) from e
             self._client = None  # reconnect next time (the head may have restarted)
             raise RayUnavailable(f"Ray at {self.address}: {text[:300]}") from e
 
     def submit(self, kind: Kind, spec_uri: str, submission_id: str, metadata: dict[str, str]) -> None:
         """Submit once: a second submit of the same id (a retry, a restart between submit and
         commit) finds the first and adopts it."""
-        try:
+        with contextlib.suppress(AlreadySubmitted):
             self._call("submit_job", entrypoint=entrypoint(kind, spec_uri), submission_id=submission_id,
                        metadata=metadata)
-        except RayUnavailable as e:
-            if "already exists" not in str(e):
-                raise
 
     def status(self, submission_id: str) -> RayJob:
         info = self._call("get_job_info", submission_id)

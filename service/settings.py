@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(2.0, gt=0, description="How often job records are checked against Ray.")
     ray_unreachable_lost_s: float = Field(120.0, ge=0, description="How long Ray may be unreachable before "
                                           "its running jobs are marked LOST.")
+    log_copy_interval_s: float = Field(30.0, gt=0, description="How often a running job's Ray log is copied next "
+                                       "to its outputs, so it outlives a Ray restart.")
+    tenant_max_active_jobs: int = Field(20, ge=1, description="Jobs a tenant may have queued or running at once "
+                                        "(a pipeline counts once); more get 429.")
+    tenant_requests_per_s: float = Field(20.0, gt=0, description="Sustained requests per second per tenant "
+                                         "(per replica); more get 429 with Retry-After.")
+    tenant_request_burst: int = Field(40, ge=1, description="Requests a tenant may send at once after a quiet spell.")
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

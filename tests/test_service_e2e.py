@@ -26,7 +26,8 @@ TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "LOST"}
 class Service:
     """`uvicorn --factory service.app:create_app` in a subprocess, restartable."""
 
-    def __init__(self, data_dir: Path, tiny_model: Path, head: local_ray.LocalRay, **settings):
+    def __init__(self, data_dir: Path, tiny_model: Path, head: local_ray.LocalRay,
+                 factory: str = "service.app:create_app", **settings):
         service_settings(data_dir, tiny_model)  # lays out the data directory
         self.port = local_ray.free_port()
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | head.env | {
@@ -35,12 +36,13 @@ class Service:
             "RAYSFT_RECONCILE_INTERVAL_S": "0.5"} | {f"RAYSFT_{k.upper()}": str(v) for k, v in settings.items()}
         self.log = data_dir / "service.log"
         self.process = None
-        self.start()
+        self.start(factory)
 
-    def start(self) -> None:
+    def start(self, factory: str = "service.app:create_app") -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--host", "127.0.0.1",
-             "--port", str(self.port)], cwd=REPO, env=self.env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "uvicorn", "--factory", factory, "--app-dir", str(REPO / "tests"),
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO, env=self.env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30,
                                  headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         deadline = time.monotonic() + 60
@@ -162,10 +164,10 @@ def test_cancel_stops_the_ray_job(service, tmp_path):
     assert service.http.get(f"/v1/jobs/{training_id}").json()["status"] == "CANCELLED"
 
 
-def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason(tmp_path, tiny_model):
+def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason_and_keeps_its_log(tmp_path, tiny_model):
     data_dir = tmp_path / "data"
     head = local_ray.start(num_cpus=4)
-    service = Service(data_dir, tiny_model, head)
+    service = Service(data_dir, tiny_model, head, log_copy_interval_s=1)
     try:
         inputs = data_dir / "artifacts/tenants/admin/inputs"
         inputs.mkdir(parents=True)
@@ -173,6 +175,11 @@ def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason(tmp_path, tiny_model
         job = service.http.post("/v1/datasets", json=dataset_body(data_dir, sources=[
             {"uri": str(inputs / "alpaca.jsonl"), "format": "alpaca"}])).json()
         service.wait(job["id"], until=lambda j: j["status"] == "RUNNING")
+        copy = data_dir / f"artifacts/tenants/admin/jobs/{job['id']}/job.log"
+        deadline = time.monotonic() + 60
+        while not (copy.exists() and copy.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        before_crash = copy.read_text()
         port = int(head.address.rsplit(":", 1)[1])
         head.stop()
         head = local_ray.start(num_cpus=4, dashboard_port=port, token=head.token)  # same address, empty job table
@@ -180,6 +187,32 @@ def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason(tmp_path, tiny_model
         final = service.wait(job["id"], timeout=120)[-1]
         assert final["status"] == "LOST" and "Ray no longer knows this job" in final["error"]
         assert time.monotonic() - started < 60
+        # Ray's copy of the log went with its head; the service kept one.
+        logs = service.http.get(f"/v1/jobs/{job['id']}/logs")
+        assert logs.status_code == 200 and before_crash.strip().splitlines()[0] in logs.text
     finally:
         service.kill()
         head.stop()
+
+
+def test_service_killed_between_ray_submit_and_commit_adopts_the_ray_job(tmp_path, tiny_model, head):
+    data_dir = tmp_path / "data"
+    service = Service(data_dir, tiny_model, head, factory="fault_injection:create_app_dying_after_ray_submit")
+    inputs = data_dir / "artifacts/tenants/admin/inputs"
+    inputs.mkdir(parents=True)
+    (inputs / "alpaca.jsonl").write_bytes((REPO / "configs/data/alpaca.jsonl").read_bytes())
+    with pytest.raises(httpx.TransportError):  # the service dies before answering
+        service.http.post("/v1/datasets", json=dataset_body(data_dir, sources=[
+            {"uri": str(inputs / "alpaca.jsonl"), "format": "alpaca"}]))
+    assert service.process.wait(timeout=30) == 137
+    try:
+        service.start()  # the real service, on the same database and Ray
+        [job] = service.http.get("/v1/jobs").json()["items"]  # recorded before Ray was called
+        final = service.wait(job["id"])[-1]
+        assert final["status"] == "SUCCEEDED", final
+        token = service.env["RAY_AUTH_TOKEN"]
+        ray_jobs = httpx.get(f"{service.env['RAY_ADDRESS']}/api/jobs/", headers={"Authorization": f"Bearer {token}"}).json()
+        assert [j["submission_id"] for j in ray_jobs
+                if (j.get("metadata") or {}).get("raysft_job_id") == job["id"]] == [f"raysft-{job['id']}"]
+    finally:
+        service.kill()
