@@ -42,6 +42,23 @@ def _optimizer(spec: TrainingSpec, model: torch.nn.Module, total_steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
 
 
+def deepspeed_checkpoint_types() -> list[type]:
+    """DeepSpeed's own classes inside its checkpoints; the rest is tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_without_code(path: str, map_location=None):
+    """Load a DeepSpeed checkpoint file with `weights_only=True`. DeepSpeed's loader unpickles
+    anything, and a resume URI can point at any checkpoint its tenant could write: a crafted file
+    must fail to load, not run code on the cluster."""
+    with torch.serialization.safe_globals(deepspeed_checkpoint_types()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 class DeepSpeedEngine:
     def __init__(self, spec: TrainingSpec, model: torch.nn.Module, total_steps: int):
         import deepspeed
@@ -99,6 +116,7 @@ class DeepSpeedEngine:
         return True
 
     def load(self, directory: Path) -> None:
+        self.engine.checkpoint_engine.load = load_without_code
         self.engine.load_checkpoint(str(directory), tag=STATE_TAG)
 
 

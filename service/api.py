@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import posixpath
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, status
@@ -39,6 +39,12 @@ router = APIRouter(prefix="/v1", responses={
     429: {"model": Message, "description": "The tenant's request rate or active-job limit; see Retry-After",
           "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait"}}},
     503: {"model": Message, "description": "The database (or Ray, where needed) is unavailable; see Retry-After"}})
+# OpenAPI links from a created job to what can be done with it: clients (and schemathesis'
+# stateful runs) follow them from the 202's `id`.
+JOB_LINKS = {name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}}
+             for name, operation in (("GetJob", "getJob"), ("JobLogs", "jobLogs"), ("JobMetrics", "jobMetrics"),
+                                     ("CancelJob", "cancelJob"))}
+CREATED = {202: {"description": "Accepted: the job is recorded and submitted", "links": JOB_LINKS}}
 SPEC_BODY_DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "additionalProperties": True}},
     "application/yaml": {"schema": {"type": "string"}}}}}
@@ -78,10 +84,15 @@ class JobPage(BaseModel):
     offset: int
 
 
+def utc(moment: datetime | None) -> datetime | None:
+    """Stored times are UTC; SQLite hands them back without the zone, which RFC 3339 requires."""
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
 def job_out(job: Job, children: list[Job] = ()) -> JobOut:
     cached = job.progress or {}
-    return JobOut(id=job.id, kind=job.kind, status=job.status, error=job.error, created_at=job.created_at,
-                  started_at=job.started_at, finished_at=job.finished_at,
+    return JobOut(id=job.id, kind=job.kind, status=job.status, error=job.error, created_at=utc(job.created_at),
+                  started_at=utc(job.started_at), finished_at=utc(job.finished_at),
                   progress=Progress.model_validate({k: v for k, v in cached.items() if k in Progress.model_fields}),
                   metrics=cached.get("metrics"), artifacts=cached.get("artifacts", {}),
                   children=[c.id for c in children], spec=job.spec)
@@ -101,18 +112,21 @@ def _create(control, tenant: str, kind: Kind, body: dict[str, Any], key: str | N
 
 
 @router.post("/datasets", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, openapi_extra=SPEC_BODY_DOC,
+             responses=CREATED,
              summary="Prepare a dataset (runs jobs.prepare)")
 def create_dataset(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None) -> JobOut:
     return _create(control, tenant, Kind.DATASET, body, key)
 
 
 @router.post("/trainings", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, openapi_extra=SPEC_BODY_DOC,
+             responses=CREATED,
              summary="Train (runs jobs.train); a dataset may be named `job:<dataset job id>`")
 def create_training(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None) -> JobOut:
     return _create(control, tenant, Kind.TRAINING, body, key)
 
 
 @router.post("/pipelines", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, openapi_extra=SPEC_BODY_DOC,
+             responses=CREATED,
              summary="Prepare, then train on the result: {dataset: ..., training: ...}")
 def create_pipeline(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None) -> JobOut:
     return _create(control, tenant, Kind.PIPELINE, body, key)
@@ -132,13 +146,13 @@ def _job(control, tenant: str, job_id: str) -> Job:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}") from None
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut)
+@router.get("/jobs/{job_id}", response_model=JobOut, operation_id="getJob")
 def get_job(control: ControlDep, tenant: TenantDep, job_id: str) -> JobOut:
     job = _job(control, tenant, job_id)
     return job_out(job, control.children(job))
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, operation_id="cancelJob")
 def cancel_job(control: ControlDep, tenant: TenantDep, job_id: str) -> JobOut:
     _job(control, tenant, job_id)
     try:
@@ -158,7 +172,7 @@ def _ray_job(control, job: Job) -> Job:
     return children[-1]
 
 
-@router.get("/jobs/{job_id}/metrics")
+@router.get("/jobs/{job_id}/metrics", operation_id="jobMetrics")
 def job_metrics(control: ControlDep, tenant: TenantDep, job_id: str) -> list[dict[str, Any]]:
     """The metrics history of a training (or a pipeline's training), one entry per logging step."""
     job = _ray_job(control, _job(control, tenant, job_id))
@@ -173,7 +187,7 @@ def job_metrics(control: ControlDep, tenant: TenantDep, job_id: str) -> list[dic
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse,
+@router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, operation_id="jobLogs",
             responses={200: {"content": {"text/plain": {}}}})
 async def job_logs(control: ControlDep, tenant: TenantDep, job_id: str, tail: int = Query(1000, ge=1, le=100_000),
                    follow: bool = False):

@@ -9,11 +9,13 @@ caches progress so GETs never wait on storage or Ray.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
 
 from sqlalchemy import func, select
@@ -22,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from jobs import storage
 from jobs.spec import SpecError
+from jobs.train_spec import TrainingSpec
 from service import progress, specs
 from service.ray_jobs import RayJobs, RayUnavailable, UnknownToRay
 from service.settings import Settings
@@ -96,17 +99,33 @@ class Control:
         if kind is Kind.DATASET:
             return specs.dataset_spec(body, self.policy, tenant, job_id).model_dump(mode="json")
         if kind is Kind.TRAINING:
-            return specs.training_spec(body, self.policy, tenant, job_id, lambda ref: self._dataset_output(tenant, ref),
-                                       self.settings.trusted_remote_code_models).model_dump(mode="json")
+            spec = specs.training_spec(body, self.policy, tenant, job_id, lambda ref: self._dataset_output(tenant, ref),
+                                       self.settings.trusted_remote_code_models)
+            self._check_capacity(spec)
+            return spec.model_dump(mode="json")
         problems = [f"{k}: required" for k in ("dataset", "training") if not isinstance(body.get(k), dict)]
         if problems:
             raise SpecError(problems)
         dataset = self._prefixed("dataset", lambda: specs.dataset_spec(body["dataset"], self.policy, tenant, job_id))
         training_body = {**body["training"], "datasets": [{"uri": dataset.output}]}
-        training = self._prefixed("training", lambda: specs.training_spec(
+        training = self._prefixed("training", lambda: self._check_capacity(specs.training_spec(
             training_body, self.policy, tenant, job_id, lambda ref: self._dataset_output(tenant, ref),
-            self.settings.trusted_remote_code_models))
+            self.settings.trusted_remote_code_models)))
         return {"dataset": dataset.model_dump(mode="json"), "training": training.model_dump(mode="json")}
+
+    def _check_capacity(self, spec: TrainingSpec) -> TrainingSpec:
+        """Refuse now what the cluster can never run, instead of leaving it pending forever."""
+        scaling, problems = spec.scaling, []
+        cpus = scaling.num_workers * scaling.cpus_per_worker
+        gpus = scaling.num_workers * scaling.gpus_per_worker if scaling.use_gpu else 0
+        for name, wanted, most in (("GPUs", gpus, self.settings.cluster_max_gpus),
+                                   ("CPUs", cpus, self.settings.cluster_max_cpus)):
+            if most is not None and wanted > most:
+                problems.append(f"scaling: {wanted:g} {name} wanted (num_workers x {name[:3].lower()}s_per_worker) but "
+                                f"the cluster can have at most {most:g}: lower num_workers or the per-worker {name}")
+        if problems:
+            raise SpecError(problems)
+        return spec
 
     @staticmethod
     def _prefixed(name: str, build):
@@ -254,11 +273,26 @@ class Control:
             if ray_job.status is not Status.QUEUED:
                 job.progress = progress.read(job.kind.value, job.spec)
                 self._copy_log(job, last=ray_job.status.is_terminal)
-            if ray_job.status.is_terminal:
+            if (waited := self._waiting_s(job, ray_job.status)) > self.settings.start_deadline_s:
+                with contextlib.suppress(UnknownToRay):
+                    self.ray.stop(job.submission_id)
+                job.finish(Status.FAILED, f"not started after {waited:.0f} s (start_deadline_s): the cluster has "
+                                          "no room for it; lower its scaling, or add nodes, and resubmit")
+            elif ray_job.status.is_terminal:
                 job.finish(ray_job.status, None if ray_job.status is Status.SUCCEEDED else ray_job.message[-2000:])
             else:
                 job.status = ray_job.status
             session.commit()
+
+    @staticmethod
+    def _waiting_s(job: Job, ray_status: Status) -> float:
+        """How long a job has waited to start: Ray has not started its driver, or a training has
+        no step yet (Ray Train waits for its workers' resources with the driver running)."""
+        no_step = job.kind is Kind.TRAINING and not (job.progress or {}).get("step")
+        if ray_status is Status.QUEUED or (ray_status is Status.RUNNING and no_step):
+            created = job.created_at.replace(tzinfo=UTC) if job.created_at.tzinfo is None else job.created_at
+            return (now() - created).total_seconds()
+        return 0.0
 
     def _copy_log(self, job: Job, last: bool) -> None:
         """Keep a copy of the Ray log beside the job's outputs (every `log_copy_interval_s`, and

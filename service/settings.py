@@ -37,6 +37,12 @@ class Settings(BaseSettings):
                                           "its running jobs are marked LOST.")
     log_copy_interval_s: float = Field(30.0, gt=0, description="How often a running job's Ray log is copied next "
                                        "to its outputs, so it outlives a Ray restart.")
+    cluster_max_gpus: float | None = Field(None, ge=0, description="GPUs the Ray cluster can ever have (its "
+                                           "autoscaling maximum); a training asking for more is refused. Unset: no check.")
+    cluster_max_cpus: float | None = Field(None, ge=0, description="The same for CPUs (Ray Train workers' "
+                                           "cpus_per_worker).")
+    start_deadline_s: float = Field(3600.0, gt=0, description="A job not started after this long (Ray still "
+                                    "PENDING, or a training without its first step) fails with the reason.")
     tenant_max_active_jobs: int = Field(20, ge=1, description="Jobs a tenant may have queued or running at once "
                                         "(a pipeline counts once); more get 429.")
     tenant_requests_per_s: float = Field(20.0, gt=0, description="Sustained requests per second per tenant "

@@ -46,6 +46,10 @@ class RecordingRay:
     def logs(self, submission_id):
         return "".join(f"line {i}\n" for i in range(5))
 
+    async def follow(self, submission_id):
+        for line in self.logs(submission_id).splitlines(keepends=True):
+            yield line
+
     def reachable(self):
         return not self.down
 

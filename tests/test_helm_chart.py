@@ -5,6 +5,7 @@ strict: unknown fields fail), and its security properties checked on what it ren
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -311,3 +312,21 @@ def test_versions_agree_across_chart_image_and_package():
     assert chart["appVersion"] == package == label(dockerfile_commands(), "org.opencontainers.image.version")
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     assert defaults["ray"]["version"] == arg_default(dockerfile_commands(), "RAY_VERSION")
+
+
+def test_the_config_map_is_settings_the_service_accepts(rendered, monkeypatch):
+    from service.settings import Settings
+
+    values, objects = rendered
+    (config,) = of_kind(objects, "ConfigMap")
+    for name in [n for n in os.environ if n.startswith("RAYSFT_")]:
+        monkeypatch.delenv(name)
+    for name, value in config["data"].items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()  # pydantic-settings reads them as `raysft serve` will (extra keys forbidden)
+    assert settings.artifact_root == config["data"]["RAYSFT_ARTIFACT_ROOT"]
+    assert settings.admin_api_key_file.name == "admin-api-key"
+    if values is None:  # the created cluster's ceiling: 4 GPU workers x 1 GPU; 4 x 8 + 4 x 4 CPUs
+        assert (settings.cluster_max_gpus, settings.cluster_max_cpus) == (4, 48)
+    if values is not None and values.name == "existing-cluster-values.yaml":
+        assert (settings.cluster_max_gpus, settings.cluster_max_cpus) == (None, None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -216,3 +217,48 @@ def test_service_killed_between_ray_submit_and_commit_adopts_the_ray_job(tmp_pat
                 if (j.get("metadata") or {}).get("raysft_job_id") == job["id"]] == [f"raysft-{job['id']}"]
     finally:
         service.kill()
+
+
+def test_s3_secret_never_appears_in_api_responses_ray_metadata_or_logs(tmp_path, tiny_model, s3_server, monkeypatch):
+    """A canary secret access key, in the environment of the service and of every Ray process as
+    a deployment gives it, after a whole pipeline on S3: nowhere a user or Ray can read."""
+    import boto3
+
+    canary = f"CANARY{secrets.token_hex(12)}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="raysft")
+    s3.put_object(Bucket="raysft", Key="artifacts/tenants/admin/inputs/alpaca.jsonl",
+                  Body=(REPO / "configs/data/alpaca.jsonl").read_bytes())
+    data_dir = tmp_path / "data"
+    head = local_ray.start(num_cpus=4)  # inherits the canary, like a Ray node given the S3 Secret
+    service = Service(data_dir, tiny_model, head, artifact_root="s3://raysft/artifacts", log_copy_interval_s=1)
+    try:
+        assert service.env["AWS_SECRET_ACCESS_KEY"] == canary
+        body = {"dataset": dataset_body(data_dir, sources=[
+                    {"uri": "s3://raysft/artifacts/tenants/admin/inputs/alpaca.jsonl", "format": "alpaca"}]),
+                "training": training_body(data_dir, max_steps=4, checkpoint={"every_steps": 4, "keep": 1},
+                                          eval={"every_steps": 4})}
+        pipeline = service.http.post("/v1/pipelines", json=body).json()
+        final = service.wait(pipeline["id"])[-1]
+        assert final["status"] == "SUCCEEDED", final
+        seen = [service.http.get("/v1/jobs").text]
+        for job_id in [pipeline["id"], *final["children"]]:
+            for path in ("", "/logs", "/metrics"):
+                response = service.http.get(f"/v1/jobs/{job_id}{path}")
+                assert response.status_code == 200
+                seen.append(response.text)
+        ray = httpx.Client(base_url=head.address, headers={"Authorization": f"Bearer {head.token}"})
+        ray_jobs = ray.get("/api/jobs/").json()
+        seen.append(json.dumps(ray_jobs))  # metadata, entrypoints, runtime envs
+        seen += [ray.get(f"/api/jobs/{job['submission_id']}/logs").json()["logs"] for job in ray_jobs]
+        stored = s3.list_objects_v2(Bucket="raysft", Prefix="artifacts/tenants/admin/jobs/")["Contents"]
+        for key in [o["Key"] for o in stored if o["Key"].endswith(("job.log", "spec.json", "manifest.json"))]:
+            seen.append(s3.get_object(Bucket="raysft", Key=key)["Body"].read().decode())
+        seen.append(service.log.read_text())
+        assert sum(len(text) for text in seen) > 10_000  # the logs and records were really read
+        leaks = [text[max(0, text.find(canary) - 200):text.find(canary) + 50] for text in seen if canary in text]
+        assert leaks == []
+    finally:
+        service.kill()
+        head.stop()

@@ -124,3 +124,21 @@ characters too. */}}
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* What the created Ray cluster can ever hold, as JSON {gpus, cpus}: every worker group at its
+maxReplicas. CPU limits like "500m" count as a whole CPU, as Ray rounds them. Empty with an
+existing cluster. */}}
+{{- define "raysft.clusterCapacity" -}}
+{{- $gpus := 0 }}{{- $cpus := 0.0 }}
+{{- if .Values.ray.create }}
+{{- range .Values.ray.workerGroups }}
+{{- $gpus = add $gpus (mul (int .maxReplicas) (int .gpus)) }}
+{{- $cpu := toString (dig "limits" "cpu" (dig "requests" "cpu" "0" (default dict .resources)) (default dict .resources)) }}
+{{- $perWorker := ternary (divf (trimSuffix "m" $cpu | float64) 1000.0) (float64 $cpu) (hasSuffix "m" $cpu) | ceil }}
+{{- $cpus = addf $cpus (mulf (int .maxReplicas) $perWorker) }}
+{{- end }}
+{{- dict "gpus" $gpus "cpus" (int $cpus) | toJson }}
+{{- else }}
+{{- dict | toJson }}
+{{- end }}
+{{- end }}
