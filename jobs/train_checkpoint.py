@@ -5,7 +5,7 @@
       adapter_model.safetensors, adapter_config.json   LoRA, in PEFT format
       model.safetensors, config.json                   or the full weights (method: full)
       tokenizer files          with the chat template the data was rendered with
-      training_state.json      global step, epoch, data cursor, every rank's RNG states, metrics
+      training_state.json      global step, epoch, data cursor, failures, every rank's RNG states, metrics
       spec.json                the training spec
 
 Ray Train registers a checkpoint only after every worker has uploaded its part, and resumes
@@ -36,6 +36,7 @@ class Progress:
     global_step: int = 0
     epoch: int = 0
     cursor: int = 0
+    failures: int = 0  # failures this run recovered from (worker-group restarts, resubmissions)
 
 
 # ---------------------------------------------------------------- RNG states
@@ -130,4 +131,4 @@ def restore(engine, directory: Path, rank: int, world_size: int) -> Progress:
     else:  # the data split differs too: the run continues, but not bit for bit
         print(f"resume: checkpoint written by {state['world_size']} workers, now {world_size}: "
               "random streams restart", flush=True)
-    return Progress(state["global_step"], state["epoch"], state["cursor"])
+    return Progress(state["global_step"], state["epoch"], state["cursor"], state.get("failures", 0))

@@ -16,6 +16,7 @@ order with the same random streams as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import shutil
@@ -101,6 +102,33 @@ def resume_checkpoint(spec: TrainingSpec):
     return ray.train.Checkpoint(path=path, filesystem=fs)
 
 
+@contextlib.contextmanager
+def checkpoint_directory(checkpoint) -> Iterator[Path]:
+    """A checkpoint as a local directory, downloaded once per node. Ray's `as_directory` lets a
+    second rank start the same download again while the first reads the files, which then reads
+    them half written; here local rank 0 downloads, and every rank waits for it."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+    import ray.train
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    local = Path(tempfile.gettempdir()) / f"raysft-resume-{hashlib.sha256(checkpoint.path.encode()).hexdigest()[:16]}"
+    leader = ray.train.get_context().get_local_rank() == 0
+    if leader:
+        shutil.rmtree(local, ignore_errors=True)
+        checkpoint.to_directory(str(local))
+    dist.barrier()
+    try:
+        yield local
+    finally:
+        dist.barrier()  # every rank has read its part
+        if leader:
+            shutil.rmtree(local, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -181,12 +209,14 @@ def train_loop(config: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(model_dir, config["chat_template"])
     engine = make_engine(spec, load_model(spec, model_dir), total_steps)
     progress = Progress()
+    recovering = ray.train.get_checkpoint() is not None  # the run's own: it is restarting after a failure
     if (checkpoint := resume_checkpoint(spec)) is not None:
-        with checkpoint.as_directory() as directory:
-            progress = restore(engine, Path(directory), rank, world)
+        with checkpoint_directory(checkpoint) as directory:
+            progress = restore(engine, directory, rank, world)
+        progress.failures = progress.failures + 1 if recovering else 0
         if rank == 0:
             print(f"resumed from step {progress.global_step} (epoch {progress.epoch}, "
-                  f"micro-batch {progress.cursor})", flush=True)
+                  f"micro-batch {progress.cursor}) after {progress.failures} failure(s)", flush=True)
     log = MetricsLog(config["run_uri"], progress.global_step) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     validation = ValidationRows(ray.train.get_dataset_shard("val") if config["has_val"] else None, spec, pad_id)
@@ -203,7 +233,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if not (save or answer or n % spec.log_every_steps == 0):
                 clock = time.perf_counter()
                 continue
-            metrics = {"step": n, "total_steps": total_steps, "epoch": progress.epoch} | window.metrics(engine.lr())
+            metrics = {"step": n, "total_steps": total_steps, "epoch": progress.epoch,
+                       "failures": progress.failures} | window.metrics(engine.lr())
             if save or answer:  # checkpoints are ranked by eval loss, so each one is evaluated
                 metrics |= evaluate(engine, validation.batches(), all_reduce_sum)
             if answer and spec.eval.prompts:

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -46,7 +47,9 @@ class NotFound(Exception):
 class TooManyJobs(Exception):
     """The tenant already has its limit of queued or running jobs."""
 
-    retry_after_s = 30
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def request_hash(kind: Kind, body: dict[str, Any]) -> str:
@@ -74,8 +77,10 @@ class Control:
         if idempotency_key and (existing := self._by_key(tenant, idempotency_key)) is not None:
             return self._same_request(existing, digest)
         if (active := self._active_jobs(tenant)) >= self.settings.tenant_max_active_jobs:
+            # A slot frees when a job ends, which the reconcile loop sees within an interval or two.
             raise TooManyJobs(f"tenant {tenant} has {active} jobs queued or running (the limit is "
-                              f"{self.settings.tenant_max_active_jobs}); submit again when one ends")
+                              f"{self.settings.tenant_max_active_jobs}); submit again when one ends",
+                              retry_after_s=math.ceil(2 * self.settings.reconcile_interval_s))
         job_id = new_id()
         spec = self._build(tenant, kind, body, job_id)
         with self.sessions() as session:

@@ -11,6 +11,7 @@ reads it; it never appears in job metadata.
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -68,10 +69,12 @@ class RayJobs:
             raise
         except Exception as e:
             text = str(e)
-            if "404" in text or "does not exist" in text:
-                raise UnknownToRay(text) from e
-            if "already exists" in text:  # Ray's 500 carries a traceback: look before cutting it short
+            # Ray's errors are text with a traceback inside: look before cutting it short, and by
+            # status code, not by digits a random id may also hold.
+            if "already exists" in text:
                 raise AlreadySubmitted(text[-300:]) from e
+            if re.match(r"Request failed with status code 404\b", text) or "does not exist" in text:
+                raise UnknownToRay(text) from e
             self._client = None  # reconnect next time (the head may have restarted)
             raise RayUnavailable(f"Ray at {self.address}: {text[:300]}") from e
 

@@ -232,3 +232,34 @@ def test_readiness_reports_ray_down_and_prometheus_counts(client, ray, data_dir)
     text = client.get("/metrics").text
     assert 'raysft_jobs{status="QUEUED"} 1.0' in text
     assert 'raysft_http_requests_total{method="POST",route="/v1/datasets",status="202"} 1.0' in text
+
+
+def test_ray_errors_are_classified_by_what_they_say_not_by_digits_in_ids():
+    from service.ray_jobs import RayJobs, RayUnavailable, UnknownToRay
+
+    class FailingClient:
+        def __init__(self, message):
+            self.message = message
+
+        def submit_job(self, *args, **kwargs):
+            raise RuntimeError(self.message)
+
+        get_job_info = submit_job
+
+    jobs = RayJobs("http://127.0.0.1:1")
+
+    def failing(message):
+        jobs._client = FailingClient(message)
+        return jobs
+
+    # A second submit of one id is adopted, even when the id holds "404" and Ray answers 500.
+    already = ("Request failed with status code 500: Traceback ... ValueError: Job with submission_id "
+               "raysft-a404f already exists. Please use a different submission_id.")
+    failing(already).submit(store.Kind.DATASET, "/spec.json", "raysft-a404f", {})
+    with pytest.raises(RayUnavailable):
+        failing("Request failed with status code 500: raysft-a404f: the agent is not ready").submit(
+            store.Kind.DATASET, "/spec.json", "raysft-a404f", {})
+    with pytest.raises(UnknownToRay):
+        failing("Request failed with status code 404: Job raysft-b not found").status("raysft-b")
+    with pytest.raises(UnknownToRay):
+        failing("Job raysft-b does not exist.").status("raysft-b")

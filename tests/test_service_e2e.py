@@ -6,9 +6,7 @@ record; a Ray restart mid-job ends it LOST with the reason."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -16,61 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import ADMIN_KEY, REPO, dataset_body, service_settings, training_body
+from service_fixtures import ADMIN_KEY, REPO, Service, dataset_body, training_body
 
 from service import local_ray
 
 pytestmark = pytest.mark.integration
-TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "LOST"}
-
-
-class Service:
-    """`uvicorn --factory service.app:create_app` in a subprocess, restartable."""
-
-    def __init__(self, data_dir: Path, tiny_model: Path, head: local_ray.LocalRay,
-                 factory: str = "service.app:create_app", **settings):
-        service_settings(data_dir, tiny_model)  # lays out the data directory
-        self.port = local_ray.free_port()
-        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | head.env | {
-            "RAYSFT_DATA_DIR": str(data_dir), "RAYSFT_ADMIN_API_KEY": ADMIN_KEY,
-            "RAYSFT_SHARED_READ_PREFIXES": json.dumps([str(data_dir / "models")]),
-            "RAYSFT_RECONCILE_INTERVAL_S": "0.5"} | {f"RAYSFT_{k.upper()}": str(v) for k, v in settings.items()}
-        self.log = data_dir / "service.log"
-        self.process = None
-        self.start(factory)
-
-    def start(self, factory: str = "service.app:create_app") -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", factory, "--app-dir", str(REPO / "tests"),
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO, env=self.env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30,
-                                 headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if self.http.get("/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.3)
-        raise RuntimeError(self.log.read_text()[-3000:])
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def wait(self, job_id: str, until=lambda job: job["status"] in TERMINAL, timeout: float = 400) -> list[dict]:
-        """Poll the job until `until(job)`; returns every response seen."""
-        seen, deadline = [], time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.http.get(f"/v1/jobs/{job_id}").json()
-            seen.append(job)
-            if until(job):
-                return seen
-            time.sleep(0.5)
-        raise TimeoutError(json.dumps(seen[-1], indent=2) + self.log.read_text()[-3000:])
-
-
 @pytest.fixture(scope="module")
 def head():
     ray = local_ray.start(num_cpus=4)

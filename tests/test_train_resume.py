@@ -5,6 +5,7 @@ loses a worker process mid-run; both end with the parameters of a run that never
 from __future__ import annotations
 
 import json
+import time
 
 import psutil
 import pytest
@@ -61,13 +62,19 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
 
     proc = run("jobs.train", spec)
     output = proc.stdout + proc.stderr
-    assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2})" in output
+    assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2}) after 1 failure(s)" in output
     assert sorted(step_metrics(output)) == list(range(latest + 1, STEPS + 1))
     assert max_difference(final_adapter(tmp_path, "killed"), reference) < 1e-5
     # The history beside the checkpoints holds every step once: the steps after the checkpoint
     # that the killed attempt ran are gone.
-    history = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert history == list(range(1, STEPS + 1))
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in history] == list(range(1, STEPS + 1))
+    assert [entry["failures"] for entry in history] == [0] * latest + [1] * (STEPS - latest)
+
+    # The same spec under a fresh run name starts from zero: nothing of "killed" is resumed.
+    fresh = run("jobs.train", spec | {"name": "fresh", "max_steps": 2})
+    assert "resumed" not in fresh.stdout + fresh.stderr
+    assert sorted(step_metrics(fresh.stdout)) == [1, 2]
 
 
 def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepared, tmp_path, reference):
@@ -89,5 +96,78 @@ def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepa
 
     code, output = run_watching(spec, kill_a_worker_once_a_checkpoint_is_registered)
     assert killed_at and code == 0, output[-5000:]
-    assert f"resumed from step {killed_at[0]} (epoch 0, micro-batch {killed_at[0] * 2})" in output
+    assert f"resumed from step {killed_at[0]} (epoch 0, micro-batch {killed_at[0] * 2}) after 1 failure(s)" in output
     assert max_difference(final_adapter(tmp_path, "worker-killed"), reference) < 1e-5
+    last = json.loads((tmp_path / "worker-killed/metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == STEPS and last["failures"] == 1
+
+
+def test_a_killed_worker_with_no_failures_left_fails_the_job_with_the_reason(tiny_model, prepared, tmp_path):
+    spec = resume_spec(tiny_model, prepared, tmp_path, "no-retries", max_failures=0)
+    killed: list[float] = []
+
+    def kill_a_worker_at_step_3(line, proc):
+        if '{"step": 3,' not in line:
+            return False
+        [worker, *_] = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                        if "RayTrainWorker" in " ".join(p.cmdline())]
+        worker.kill()
+        killed.append(time.monotonic())
+        return True
+
+    code, output = run_watching(spec, kill_a_worker_at_step_3)
+    assert killed and code != 0
+    assert time.monotonic() - killed[0] < 60  # the driver noticed, gave up and exited
+    assert "max_failures" in output or "failed" in output.lower(), output[-3000:]
+
+
+def test_an_object_store_failing_mid_checkpoint_fails_clearly_and_resume_skips_the_partial(
+        tiny_model, prepared, tmp_path, reference, s3_server, monkeypatch):
+    import boto3
+    from faulty_s3 import FaultyS3
+    from safetensors.torch import load as load_safetensors
+
+    proxy = FaultyS3(s3_server["AWS_ENDPOINT_URL"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the job talks to the store through the proxy
+    s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
+    s3.create_bucket(Bucket="ckpt")
+    spec = resume_spec(tiny_model, prepared, tmp_path, "s3-fault")
+    spec["checkpoint"] |= {"storage": "s3://ckpt/runs"}
+    run_prefix = "runs/s3-fault/"
+
+    def registered() -> int | None:
+        try:
+            snapshot = s3.get_object(Bucket="ckpt", Key=f"{run_prefix}checkpoint_manager_snapshot.json")["Body"].read()
+            latest = json.loads(snapshot)["latest_checkpoint_result"]
+        except (s3.exceptions.NoSuchKey, ValueError):
+            return None
+        return latest["metrics"]["step"] if latest else None
+
+    refused_step: list[int] = []
+
+    def refuse_the_next_checkpoints_weights(line, proc):
+        if '{"step": ' not in line or (latest := registered()) is None:
+            return False
+        # The store now takes everything but the next checkpoint's weights: it is left half written.
+        step_dir = f"step_{latest + 5:08d}/"
+        proxy.refuse = lambda method, path: method in ("PUT", "POST") and step_dir in path and "safetensors" in path
+        refused_step.append(latest)
+        return True
+
+    code, output = run_watching(spec, refuse_the_next_checkpoints_weights)
+    assert refused_step, ([o["Key"] for o in s3.list_objects_v2(Bucket="ckpt").get("Contents", [])], output[-2000:])
+    latest = refused_step[0]
+    assert code != 0 and proxy.refused, output[-3000:]
+    # The store's own answer and the file it refused, in the job's log.
+    assert f"'runs/s3-fault/step_{latest + 5:08d}/adapter_model.safetensors'" in output and "SLOW_DOWN" in output
+    partial = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix=f"{run_prefix}step_{latest + 5:08d}/")
+               .get("Contents", [])]
+    assert partial and not any(key.endswith(".safetensors") for key in partial)  # half written
+    assert registered() == latest
+
+    proxy.refuse = lambda method, path: False  # the store is back; the same spec is resubmitted
+    resumed = run("jobs.train", spec)
+    assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2}) after 1 failure(s)" in resumed.stdout
+    final = s3.get_object(Bucket="ckpt", Key=f"{run_prefix}step_{STEPS:08d}/adapter_model.safetensors")["Body"].read()
+    assert max_difference(load_safetensors(final), reference) < 1e-5
+    proxy.close()
