@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import time
 
-import psutil
 import pytest
 from safetensors.torch import load_file
-from training_runs import kill_tree, latest_registered_step, run, run_watching, step_metrics, training_spec
+from training_runs import kill_tree, latest_registered_step, run, run_watching, step_metrics, train_workers, training_spec
 
 pytestmark = pytest.mark.integration
 STEPS = 20
@@ -87,8 +86,7 @@ def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepa
         latest = latest_registered_step(tmp_path / "worker-killed")
         if '{"step": ' not in line or latest is None:
             return False
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "RayTrainWorker" in " ".join(p.cmdline())]
+        workers = train_workers(proc)
         assert len(workers) == 2, workers
         workers[-1].kill()
         killed_at.append(latest)
@@ -109,8 +107,7 @@ def test_a_killed_worker_with_no_failures_left_fails_the_job_with_the_reason(tin
     def kill_a_worker_at_step_3(line, proc):
         if '{"step": 3,' not in line:
             return False
-        [worker, *_] = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                        if "RayTrainWorker" in " ".join(p.cmdline())]
+        [worker, *_] = train_workers(proc)
         worker.kill()
         killed.append(time.monotonic())
         return True

@@ -55,6 +55,21 @@ def kill_tree(proc: subprocess.Popen) -> None:
             pass
 
 
+def train_workers(proc: subprocess.Popen) -> list:
+    """The RayTrainWorker processes under a job. Ray starts and ends processes all the time: one
+    may be gone, or a zombie, between the listing and the look at its command line."""
+    import psutil
+
+    workers = []
+    for process in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                workers.append(process)
+        except psutil.Error:
+            pass
+    return workers
+
+
 def latest_registered_step(run_dir: Path) -> int | None:
     """The step of the latest checkpoint Ray Train has registered for a run, if any."""
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
