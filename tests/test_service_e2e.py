@@ -113,6 +113,18 @@ def test_cancel_stops_the_ray_job(service, tmp_path):
     assert service.http.get(f"/v1/jobs/{training_id}").json()["status"] == "CANCELLED"
 
 
+def restart_on(port: int, token: str) -> local_ray.LocalRay:
+    """A new head on the old head's dashboard port, once the port is free again (the old one's
+    processes may hold it for a moment after they are killed)."""
+    for attempt in range(5):
+        try:
+            return local_ray.start(num_cpus=4, dashboard_port=port, token=token)
+        except RuntimeError:
+            if attempt == 4:
+                raise
+            time.sleep(3)
+
+
 def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason_and_keeps_its_log(tmp_path, tiny_model):
     data_dir = tmp_path / "data"
     head = local_ray.start(num_cpus=4)
@@ -131,7 +143,7 @@ def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason_and_keeps_its_log(tm
         before_crash = copy.read_text()
         port = int(head.address.rsplit(":", 1)[1])
         head.stop()
-        head = local_ray.start(num_cpus=4, dashboard_port=port, token=head.token)  # same address, empty job table
+        head = restart_on(port, head.token)  # same address, empty job table
         started = time.monotonic()
         final = service.wait(job["id"], timeout=120)[-1]
         assert final["status"] == "LOST" and "Ray no longer knows this job" in final["error"]
