@@ -89,7 +89,9 @@ def main() -> int:
         head = local_ray.start(num_cpus=4)
         port = local_ray.free_port()
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | head.env | {
-            "RAYSFT_DATA_DIR": str(data), "RAYSFT_SHARED_READ_PREFIXES": json.dumps([str(data / "models")])}
+            "RAYSFT_DATA_DIR": str(data), "RAYSFT_SHARED_READ_PREFIXES": json.dumps([str(data / "models")]),
+            # One tenant stands for all the clients: its request rate is not what is measured.
+            "RAYSFT_TENANT_REQUESTS_PER_S": "100000", "RAYSFT_TENANT_REQUEST_BURST": "100000"}
         server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
                                    "--port", str(port), "--log-level", "warning"], cwd=REPO, env=env)
         base = f"http://127.0.0.1:{port}"

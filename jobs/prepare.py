@@ -5,7 +5,9 @@
 
 Ray Data does the per-row work in one streaming pass: tasks read and parse every file row by
 row (`stages.parse_file`), then render, tokenize and mask (`stages.RenderTokenize`, built once
-per worker process). The global steps that need every row at once (de-duplication,
+per worker process). Small inputs run the same functions in the driver instead: for a few
+megabytes, starting Ray workers (each imports transformers and loads the tokenizer) costs more
+than the work. The global steps that need every row at once (de-duplication,
 sampling weights, the split, whole-dataset packing) run on the driver over rows ordered by
 (source, file, line), which makes the output independent of block sizes and CPU counts.
 Every row read ends up in the output or in `rejects/` with its reason; the counts are checked.
@@ -21,6 +23,7 @@ import posixpath
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +54,10 @@ class RejectRatioExceeded(RuntimeError):
 class Options:
     """How to run, not what to produce: none of these change the output."""
 
-    num_cpus: int | None = None  # size of a local cluster; tokenizer actors = cluster CPUs
+    num_cpus: int | None = None  # size of a local cluster, when the job starts one for Ray Data
+    # Inputs up to this size are read and tokenized in this process, without Ray Data: about
+    # two seconds of tokenizing on one core, less than Ray workers take to start.
+    in_process_max_bytes: int = 4 << 20
     batch_size: int = 256  # rows per tokenizer call
     blocks: int | None = None  # repartition parsed rows into this many blocks (default: one per file)
     rows_per_file: int = 8192  # Parquet rows per output file
@@ -66,12 +72,13 @@ class Inputs:
     tokenizer: Any
     eot: str  # the end-of-turn text of the template, trained after every reply
     files: list[tuple[Any, list[str]]]  # per source: (filesystem, paths)
+    total_bytes: int  # the size of every file together
 
 
 def resolve_inputs(spec: DatasetSpec) -> Inputs:
     """Load the tokenizer, check the template and find every source file; report all problems at once."""
     problems: list[str] = []
-    files, tokenizer, eot = [], None, ""
+    files, tokenizer, eot, total_bytes = [], None, "", 0
     try:
         tok_files = tokenizer_files.fetch(spec.tokenizer)
         tokenizer = tokenizer_files.load(tok_files)
@@ -92,12 +99,13 @@ def resolve_inputs(spec: DatasetSpec) -> Inputs:
         if not paths:
             problems.append(f"sources.{i}.uri: no files match {source.uri!r}")
         files.append((fs, paths))
+        total_bytes += sum(info.size for info in fs.get_file_info(paths))
     if problems:
         raise SpecError(problems)
-    return Inputs(tok_files, tokenizer, eot, files)
+    return Inputs(tok_files, tokenizer, eot, files, total_bytes)
 
 
-# ---------------------------------------------------------------- the Ray Data pipeline
+# ---------------------------------------------------------------- the per-row pass
 
 
 # One render+tokenize stage per worker process and spec: Ray reuses worker processes across tasks,
@@ -117,14 +125,19 @@ def _stage(spec_json: str, tok_ref: ray.ObjectRef) -> RenderTokenize:
 
 
 def tokenize_batch(batch: pa.Table, spec_json: str, tok_ref: ray.ObjectRef) -> pa.Table:
-    """Render + tokenize + mask the usable rows of a batch.
+    """`add_tokens` in a Ray Data task, with the worker's cached stage."""
+    return add_tokens(batch, _stage(spec_json, tok_ref))
+
+
+def add_tokens(batch: pa.Table, stage: RenderTokenize) -> pa.Table:
+    """Render + tokenize + mask the usable rows of a batch of parsed rows.
 
     Rows already rejected while parsing pass through untouched; a row rejected here (too long,
     nothing to train, template error) gets its reason. The messages column is dropped."""
     reasons = batch.column("reason").to_pylist()
     details = batch.column("detail").to_pylist()
     todo = [i for i, r in enumerate(reasons) if r == OK]
-    cols = _stage(spec_json, tok_ref).columns(batch.column("messages").take(todo).to_pylist())
+    cols = stage.columns(batch.column("messages").take(todo).to_pylist())
     empty = np.empty(0, np.int32)
     ids, labels, truncated = [empty] * len(reasons), [empty] * len(reasons), [False] * len(reasons)
     for j, i in enumerate(todo):
@@ -149,9 +162,43 @@ def list_array(arrays: list[np.ndarray]) -> pa.Array:
 
 
 def read_and_tokenize(spec: DatasetSpec, inputs: Inputs, options: Options) -> pa.Table:
-    """One streaming pass: read and parse each file (a task per file) -> render + tokenize + mask.
+    """One streaming pass: read and parse each file -> render + tokenize + mask, on Ray Data or,
+    for small inputs, in this process (the same functions, so the same rows).
 
     Returns every row read, in no particular order, with its tokens or reject reason."""
+    if inputs.total_bytes <= options.in_process_max_bytes:
+        log.info("prepare: %d input bytes, at most %d: tokenizing in this process", inputs.total_bytes,
+                 options.in_process_max_bytes)
+        batches = in_process_batches(spec, inputs, options)
+    else:
+        ray_runtime.init(options.num_cpus)
+        batches = ray_data_batches(spec, inputs, options)
+    tables, done, started, last = [], 0, time.monotonic(), 0.0
+    for table in batches:
+        tables.append(table)
+        done += table.num_rows
+        if (now := time.monotonic()) - last >= PROGRESS_EVERY_S:
+            log.info("prepare: processed %d rows (%.0f rows/s)", done, done / max(now - started, 1e-9))
+            last = now
+    log.info("prepare: processed %d rows in %.1fs", done, time.monotonic() - started)
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        raise SpecError(["sources: the files hold no rows"])
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def in_process_batches(spec: DatasetSpec, inputs: Inputs, options: Options) -> Iterator[pa.Table]:
+    """File by file, batch by batch, with the tokenizer `resolve_inputs` loaded."""
+    stage = RenderTokenize(spec, inputs.tokenizer)
+    for i, (source, (fs, paths)) in enumerate(zip(spec.sources, inputs.files, strict=True)):
+        for path in paths:
+            rows = parse_file(path, storage.read_bytes(fs, path), i, source, spec)
+            for start in range(0, len(rows), options.batch_size):
+                yield add_tokens(pa.Table.from_pylist(rows[start:start + options.batch_size]), stage)
+
+
+def ray_data_batches(spec: DatasetSpec, inputs: Inputs, options: Options) -> Iterator[pa.Table]:
+    """A task per file reads and parses it; tasks render, tokenize and mask batches."""
     datasets = []
     for i, (source, (fs, paths)) in enumerate(zip(spec.sources, inputs.files, strict=True)):
         def parse(row: dict[str, Any], i=i, source=source) -> list[dict[str, Any]]:
@@ -172,18 +219,7 @@ def read_and_tokenize(spec: DatasetSpec, inputs: Inputs, options: Options) -> pa
         batch_size=options.batch_size,
         batch_format="pyarrow",
     )
-    tables, done, started, last = [], 0, time.monotonic(), 0.0
-    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        tables.append(table)
-        done += table.num_rows
-        if (now := time.monotonic()) - last >= PROGRESS_EVERY_S:
-            log.info("prepare: processed %d rows (%.0f rows/s)", done, done / max(now - started, 1e-9))
-            last = now
-    log.info("prepare: processed %d rows in %.1fs", done, time.monotonic() - started)
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        raise SpecError(["sources: the files hold no rows"])
-    return pa.concat_tables(tables, promote_options="permissive")
+    return ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
 def row_order(rows: pa.Table) -> np.ndarray:
@@ -283,7 +319,6 @@ def write_rejects(fs: Any, base: str, rejects: list[dict[str, Any]]) -> None:
 def prepare(spec: DatasetSpec, options: Options = Options()) -> dict[str, Any]:
     """Run stage 1 end to end and return the manifest (also written to `output/manifest.json`)."""
     inputs = resolve_inputs(spec)
-    ray_runtime.init(options.num_cpus)
     started = time.monotonic()
 
     rows = read_and_tokenize(spec, inputs, options)
@@ -350,9 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=Options.batch_size, help="rows per tokenizer call")
     parser.add_argument("--blocks", type=int, default=None, help="repartition parsed rows into N blocks before tokenizing")
     parser.add_argument("--rows-per-file", type=int, default=Options.rows_per_file, help="Parquet rows per file")
+    parser.add_argument("--in-process-max-bytes", type=int, default=Options.in_process_max_bytes,
+                        help="inputs up to this size skip Ray Data and run in this process (0: always Ray Data)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    options = Options(args.num_cpus, args.batch_size, args.blocks, args.rows_per_file)
+    options = Options(num_cpus=args.num_cpus, batch_size=args.batch_size, blocks=args.blocks,
+                      rows_per_file=args.rows_per_file, in_process_max_bytes=args.in_process_max_bytes)
     try:
         spec = load_spec(args.spec)
         manifest = prepare(spec, options)

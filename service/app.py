@@ -67,6 +67,32 @@ class _TooLarge(Exception):
     pass
 
 
+class Observe:
+    """Counts and times every request by route. A plain ASGI middleware: Starlette's
+    `@app.middleware("http")` adds a task and a memory stream to every request."""
+
+    def __init__(self, app, requests: Counter, latency: Histogram):
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500  # what Starlette answers if the app raises
+
+        async def send_observing(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observing)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")  # set by the router
+            self.requests.labels(scope["method"], route, status).inc()
+            self.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+
+
 def ray_address(settings: Settings) -> str:
     return settings.ray_address or os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265")
 
@@ -113,17 +139,10 @@ def create_app(settings: Settings | None = None, ray: RayJobs | None = None, rec
         problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()]
         return JSONResponse({"detail": {"problems": problems}}, status_code=422)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except OperationalError:  # the database is down: say so, lose nothing
-            response = JSONResponse({"detail": "database unavailable"}, status_code=503, headers={"Retry-After": "5"})
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        requests.labels(request.method, route, response.status_code).inc()
-        latency.labels(request.method, route).observe(time.perf_counter() - started)
-        return response
+    @app.exception_handler(OperationalError)
+    async def database_unavailable(request: Request, error: OperationalError) -> JSONResponse:
+        """The database is down: say so, and lose nothing."""
+        return JSONResponse({"detail": "database unavailable"}, status_code=503, headers={"Retry-After": "5"})
 
     @app.get("/healthz", include_in_schema=True)
     def healthz() -> dict[str, str]:
@@ -143,5 +162,6 @@ def create_app(settings: Settings | None = None, ray: RayJobs | None = None, rec
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.request_rate = TokenBuckets(settings.tenant_requests_per_s, settings.tenant_request_burst)
+    app.add_middleware(Observe, requests=requests, latency=latency)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

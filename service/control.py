@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from jobs import storage
 from jobs.spec import SpecError
 from jobs.train_spec import TrainingSpec
-from service import progress, specs
+from service import progress, specs, store
 from service.ray_jobs import RayJobs, RayUnavailable, UnknownToRay
 from service.settings import Settings
 from service.store import Job, Kind, Status, new_id, now
@@ -34,6 +34,12 @@ from service.uris import UriPolicy
 
 log = logging.getLogger("raysft.service")
 LOG_COPY_BYTES = 4 << 20  # the tail of a job's log kept beside its outputs
+KNOWN_KEY_TTL_S = 60.0
+# A slot frees when a job ends, and no Ray job starts and ends in much under this: clients told
+# to come back sooner only add load (50 waiting clients retrying every second doubled the GET
+# latency of the soak test).
+ACTIVE_LIMIT_RETRY_S = 5
+MAX_KNOWN_KEYS = 10_000
 
 
 class Conflict(Exception):
@@ -64,10 +70,27 @@ class Control:
     policy: UriPolicy = field(init=False)
     ray_down_since: float | None = None
     log_copied_at: dict[str, float] = field(default_factory=dict)  # job id -> monotonic time
+    known_keys: dict[str, tuple[str, float]] = field(default_factory=dict)  # key hash -> (tenant, expiry)
 
     def __post_init__(self) -> None:
         self.policy = UriPolicy(self.settings.artifact_root, self.settings.data_dir.absolute(),
                                 tuple(self.settings.shared_read_prefixes))
+
+    def tenant_for_key(self, key: str) -> str | None:
+        """API key -> tenant. Known keys are remembered for a minute, so most requests skip that
+        database round trip (keys are only ever added). Unknown keys are looked up every time:
+        a flood of wrong keys cannot fill the memory."""
+        digest = store.hash_key(key)
+        tenant, expiry = self.known_keys.get(digest, (None, 0.0))
+        if tenant is not None and expiry > time.monotonic():
+            return tenant
+        with self.sessions() as session:
+            tenant = store.tenant_for_key(session, key)
+        if tenant is not None:
+            if len(self.known_keys) >= MAX_KNOWN_KEYS:
+                self.known_keys.clear()
+            self.known_keys[digest] = (tenant, time.monotonic() + KNOWN_KEY_TTL_S)
+        return tenant
 
     # ------------------------------------------------------------ creating
 
@@ -77,10 +100,10 @@ class Control:
         if idempotency_key and (existing := self._by_key(tenant, idempotency_key)) is not None:
             return self._same_request(existing, digest)
         if (active := self._active_jobs(tenant)) >= self.settings.tenant_max_active_jobs:
-            # A slot frees when a job ends, which the reconcile loop sees within an interval or two.
+            # The reconcile loop sees a job end within an interval or two.
             raise TooManyJobs(f"tenant {tenant} has {active} jobs queued or running (the limit is "
                               f"{self.settings.tenant_max_active_jobs}); submit again when one ends",
-                              retry_after_s=math.ceil(2 * self.settings.reconcile_interval_s))
+                              retry_after_s=max(ACTIVE_LIMIT_RETRY_S, math.ceil(2 * self.settings.reconcile_interval_s)))
         job_id = new_id()
         spec = self._build(tenant, kind, body, job_id)
         with self.sessions() as session:

@@ -10,7 +10,6 @@ import yaml
 from fastapi import Depends, Header, HTTPException, Request, status
 
 from service.control import Control
-from service.store import tenant_for_key
 
 
 def get_control(request: Request) -> Control:
@@ -27,8 +26,7 @@ def current_tenant(request: Request, control: ControlDep, authorization: Annotat
     if scheme.lower() != "bearer" or not key:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer API key",
                             headers={"WWW-Authenticate": "Bearer"})
-    with control.sessions() as session:
-        tenant = tenant_for_key(session, key.strip())
+    tenant = control.tenant_for_key(key.strip())
     if tenant is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
     if wait_s := request.app.state.request_rate.take(tenant):

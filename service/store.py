@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Enum, ForeignKey, String, Text, UniqueConstraint, create_engine, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -104,7 +104,11 @@ class Job(Base):
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # One writer at a time, many readers: WAL lets GETs run while the reconcile loop writes.
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # A file database pools a connection for each of the server's worker threads (AnyIO runs
+        # 40): with SQLAlchemy's default 5 + 10, requests queue for a connection under load.
+        in_memory = make_url(url).database in (None, "", ":memory:")
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               **({} if in_memory else {"pool_size": 40, "max_overflow": 10}))
         from sqlalchemy import event
 
         @event.listens_for(engine, "connect")

@@ -26,6 +26,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def pytest_terminal_summary(terminalreporter):
+    """What the tests measured with `record_property` (times to detect and recover from faults,
+    the soak's figures), one line per test at the end of the run: docs/reliability.md quotes them."""
+    reports = [r for r in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", [])
+               if r.when == "call" and r.user_properties]
+    if reports:
+        terminalreporter.section("measured")
+        for report in reports:
+            terminalreporter.line(f"{report.nodeid}: " + ", ".join(f"{k}={v}" for k, v in report.user_properties))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")

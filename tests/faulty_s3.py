@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -16,7 +17,7 @@ class FaultyS3:
     def __init__(self, upstream: str):
         self.upstream = urlsplit(upstream)
         self.refuse = lambda method, path: False  # set by the test: which requests fail
-        self.refused: list[str] = []
+        self.refused: list[tuple[float, str]] = []  # (time.monotonic(), request) of each refusal
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,7 +40,7 @@ class FaultyS3:
             def _forward(self):
                 body = self._body()
                 if proxy.refuse(self.command, self.path):
-                    proxy.refused.append(f"{self.command} {self.path}")
+                    proxy.refused.append((time.monotonic(), f"{self.command} {self.path}"))
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(SLOW_DOWN)))

@@ -232,6 +232,19 @@ def test_readiness_reports_ray_down_and_prometheus_counts(client, ray, data_dir)
     text = client.get("/metrics").text
     assert 'raysft_jobs{status="QUEUED"} 1.0' in text
     assert 'raysft_http_requests_total{method="POST",route="/v1/datasets",status="202"} 1.0' in text
+    assert 'raysft_http_request_seconds_count{method="POST",route="/v1/datasets"} 1.0' in text
+    client.get("/v1/jobs")  # no key
+    assert 'raysft_http_requests_total{method="GET",route="/v1/jobs",status="401"} 1.0' in client.get("/metrics").text
+
+
+def test_known_api_keys_are_remembered_unknown_ones_looked_up_every_time(client):
+    control = client.app.state.control
+    sessions, opened = control.sessions, []
+    control.sessions = lambda: opened.append(1) or sessions()
+    assert control.tenant_for_key(client.keys["acme"]) == "acme" and len(opened) == 1
+    assert control.tenant_for_key(client.keys["acme"]) == "acme" and len(opened) == 1  # no second lookup
+    assert control.tenant_for_key("rsk_unknown") is None and control.tenant_for_key("rsk_unknown") is None
+    assert len(opened) == 3 and len(control.known_keys) == 1
 
 
 def test_ray_errors_are_classified_by_what_they_say_not_by_digits_in_ids():

@@ -125,14 +125,16 @@ def restart_on(port: int, token: str) -> local_ray.LocalRay:
             time.sleep(3)
 
 
-def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason_and_keeps_its_log(tmp_path, tiny_model):
+def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason_and_keeps_its_log(tmp_path, tiny_model, record_property):
     data_dir = tmp_path / "data"
     head = local_ray.start(num_cpus=4)
     service = Service(data_dir, tiny_model, head, log_copy_interval_s=1)
     try:
         inputs = data_dir / "artifacts/tenants/admin/inputs"
         inputs.mkdir(parents=True)
-        (inputs / "alpaca.jsonl").write_bytes((REPO / "configs/data/alpaca.jsonl").read_bytes())
+        # Over 4 MiB, so the job runs on Ray Data (small inputs finish in the driver in seconds)
+        # and is still running when the head goes.
+        (inputs / "alpaca.jsonl").write_bytes((REPO / "configs/data/alpaca.jsonl").read_bytes() * 140)
         job = service.http.post("/v1/datasets", json=dataset_body(data_dir, sources=[
             {"uri": str(inputs / "alpaca.jsonl"), "format": "alpaca"}])).json()
         service.wait(job["id"], until=lambda j: j["status"] == "RUNNING")
@@ -142,12 +144,15 @@ def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason_and_keeps_its_log(tm
             time.sleep(0.5)
         before_crash = copy.read_text()
         port = int(head.address.rsplit(":", 1)[1])
+        stopped = time.monotonic()
         head.stop()
         head = restart_on(port, head.token)  # same address, empty job table
         started = time.monotonic()
         final = service.wait(job["id"], timeout=120)[-1]
         assert final["status"] == "LOST" and "Ray no longer knows this job" in final["error"]
         assert time.monotonic() - started < 60
+        record_property("head_back_to_lost_s", round(time.monotonic() - started, 1))
+        record_property("head_stop_to_lost_s", round(time.monotonic() - stopped, 1))
         # Ray's copy of the log went with its head; the service kept one.
         logs = service.http.get(f"/v1/jobs/{job['id']}/logs")
         assert logs.status_code == 200 and before_crash.strip().splitlines()[0] in logs.text
@@ -156,7 +161,7 @@ def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason_and_keeps_its_log(tm
         head.stop()
 
 
-def test_service_killed_between_ray_submit_and_commit_adopts_the_ray_job(tmp_path, tiny_model, head):
+def test_service_killed_between_ray_submit_and_commit_adopts_the_ray_job(tmp_path, tiny_model, head, record_property):
     data_dir = tmp_path / "data"
     service = Service(data_dir, tiny_model, head, factory="fault_injection:create_app_dying_after_ray_submit")
     inputs = data_dir / "artifacts/tenants/admin/inputs"
@@ -167,8 +172,11 @@ def test_service_killed_between_ray_submit_and_commit_adopts_the_ray_job(tmp_pat
             {"uri": str(inputs / "alpaca.jsonl"), "format": "alpaca"}]))
     assert service.process.wait(timeout=30) == 137
     try:
+        restarted = time.monotonic()
         service.start()  # the real service, on the same database and Ray
         [job] = service.http.get("/v1/jobs").json()["items"]  # recorded before Ray was called
+        service.wait(job["id"], until=lambda j: j["status"] != "QUEUED")  # Ray's status reached the record
+        record_property("restart_to_adopted_s", round(time.monotonic() - restarted, 1))
         final = service.wait(job["id"])[-1]
         assert final["status"] == "SUCCEEDED", final
         token = service.env["RAY_AUTH_TOKEN"]

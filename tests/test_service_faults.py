@@ -19,7 +19,7 @@ def pg_url(server) -> str:
     return server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
 
 
-def test_database_outage_is_reported_answered_with_503_and_loses_nothing(tmp_path, tiny_model):
+def test_database_outage_is_reported_answered_with_503_and_loses_nothing(tmp_path, tiny_model, record_property):
     pgserver = pytest.importorskip("pgserver")
     pgdata = tmp_path / "pg"
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
@@ -35,18 +35,24 @@ def test_database_outage_is_reported_answered_with_503_and_loses_nothing(tmp_pat
         down = time.monotonic()
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["database"] is False
+        slowest = 0.0
         for method, path, kwargs in [("GET", f"/v1/jobs/{job['id']}", {}), ("GET", "/v1/jobs", {}),
                                      ("POST", "/v1/datasets", {"json": body})]:
+            asked = time.monotonic()
             response = client.request(method, path, headers=headers, **kwargs)
+            slowest = max(slowest, time.monotonic() - asked)
             assert response.status_code == 503, (path, response.text)
             assert response.json() == {"detail": "database unavailable"} and response.headers["Retry-After"]
         with pytest.raises(Exception, match="(?i)connect|operational"):
             app.state.control.reconcile_once()  # the loop logs this and tries again next pass
         assert time.monotonic() - down < 10  # every answer came at once, none hung on the outage
 
+        record_property("slowest_503_s", round(slowest, 2))
         server = pgserver.get_server(pgdata, cleanup_mode="stop")  # and comes back
+        back = time.monotonic()
         assert pg_url(server) == app.state.control.settings.database_url
         assert client.get("/readyz").status_code == 200
+        record_property("database_back_to_ready_s", round(time.monotonic() - back, 2))
         again = client.get(f"/v1/jobs/{job['id']}", headers=headers)
         assert again.status_code == 200 and again.json()["status"] == job["status"]
         assert client.post("/v1/datasets", json=body, headers=headers).status_code == 202

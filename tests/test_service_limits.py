@@ -56,7 +56,7 @@ def test_active_job_limit_answers_429_until_a_job_ends(tmp_path, tiny_model):
         first, _ = (client.post("/v1/datasets", json=body, headers=client.headers_for["acme"]).json() for _ in range(2))
         refused = client.post("/v1/datasets", json=body, headers=client.headers_for["acme"])
         assert refused.status_code == 429
-        assert int(refused.headers["Retry-After"]) > 0
+        assert int(refused.headers["Retry-After"]) == 5  # no Ray job ends much sooner: retrying faster only adds load
         assert "2 jobs queued or running (the limit is 2)" in refused.json()["detail"]
         assert len(ray.jobs) == 2  # nothing was recorded or submitted for the refused request
         # Another tenant is not affected.

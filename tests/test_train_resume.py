@@ -38,7 +38,8 @@ def reference(tiny_model, prepared, tmp_path_factory) -> dict:
     return final_adapter(storage, "reference")
 
 
-def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_model, prepared, tmp_path, reference):
+def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_model, prepared, tmp_path, reference,
+                                                                        record_property):
     spec = resume_spec(tiny_model, prepared, tmp_path, "killed")
     run_dir = tmp_path / "killed"
 
@@ -48,8 +49,7 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
             return True
         return False
 
-    code, _ = run_watching(spec, kill_after_step_12)
-    assert code != 0
+    assert run_watching(spec, kill_after_step_12).code != 0
     assert not (run_dir / f"step_{STEPS:08d}").exists()
     # Ray Train registers a checkpoint once every worker has uploaded it and the controller has
     # taken the report (it polls every 2 s), so step 10's may or may not be registered yet.
@@ -59,11 +59,15 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
     (run_dir / "step_00000015").mkdir(exist_ok=True)
     (run_dir / "step_00000015/adapter_model.safetensors").write_bytes(b"cut short")
 
-    proc = run("jobs.train", spec)
-    output = proc.stdout + proc.stderr
+    resubmitted = time.monotonic()
+    resumed = run_watching(spec)
+    output = resumed.output
+    assert resumed.code == 0, output[-5000:]
     assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2}) after 1 failure(s)" in output
     assert sorted(step_metrics(output)) == list(range(latest + 1, STEPS + 1))
     assert max_difference(final_adapter(tmp_path, "killed"), reference) < 1e-5
+    record_property("resubmit_to_first_new_step_s", round(resumed.first(f'{{"step": {latest + 1},') - resubmitted, 1))
+    record_property("steps_redone", 12 - latest)
     # The history beside the checkpoints holds every step once: the steps after the checkpoint
     # that the killed attempt ran are gone.
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -76,9 +80,11 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
     assert sorted(step_metrics(fresh.stdout)) == [1, 2]
 
 
-def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepared, tmp_path, reference):
+def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepared, tmp_path, reference,
+                                                              record_property):
     spec = resume_spec(tiny_model, prepared, tmp_path, "worker-killed", max_failures=1)
     killed_at: list[int] = []
+    killed: list[float] = []
 
     def kill_a_worker_once_a_checkpoint_is_registered(line, proc):
         # A failure before Ray Train has registered any checkpoint restarts from scratch (also
@@ -89,18 +95,24 @@ def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepa
         workers = train_workers(proc)
         assert len(workers) == 2, workers
         workers[-1].kill()
+        killed.append(time.monotonic())
         killed_at.append(latest)
         return True
 
-    code, output = run_watching(spec, kill_a_worker_once_a_checkpoint_is_registered)
-    assert killed_at and code == 0, output[-5000:]
-    assert f"resumed from step {killed_at[0]} (epoch 0, micro-batch {killed_at[0] * 2}) after 1 failure(s)" in output
+    watched = run_watching(spec, kill_a_worker_once_a_checkpoint_is_registered)
+    assert killed_at and watched.code == 0, watched.output[-5000:]
+    resumed = f"resumed from step {killed_at[0]} (epoch 0, micro-batch {killed_at[0] * 2}) after 1 failure(s)"
+    assert resumed in watched.output
+    record_property("kill_to_resumed_s", round(watched.first(resumed, after=killed[0]) - killed[0], 1))
+    record_property("kill_to_first_new_step_s",
+                    round(watched.first(f'{{"step": {killed_at[0] + 1},', after=killed[0]) - killed[0], 1))
     assert max_difference(final_adapter(tmp_path, "worker-killed"), reference) < 1e-5
     last = json.loads((tmp_path / "worker-killed/metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == STEPS and last["failures"] == 1
 
 
-def test_a_killed_worker_with_no_failures_left_fails_the_job_with_the_reason(tiny_model, prepared, tmp_path):
+def test_a_killed_worker_with_no_failures_left_fails_the_job_with_the_reason(tiny_model, prepared, tmp_path,
+                                                                            record_property):
     spec = resume_spec(tiny_model, prepared, tmp_path, "no-retries", max_failures=0)
     killed: list[float] = []
 
@@ -112,14 +124,15 @@ def test_a_killed_worker_with_no_failures_left_fails_the_job_with_the_reason(tin
         killed.append(time.monotonic())
         return True
 
-    code, output = run_watching(spec, kill_a_worker_at_step_3)
-    assert killed and code != 0
-    assert time.monotonic() - killed[0] < 60  # the driver noticed, gave up and exited
-    assert "max_failures" in output or "failed" in output.lower(), output[-3000:]
+    watched = run_watching(spec, kill_a_worker_at_step_3)
+    assert killed and watched.code != 0
+    assert watched.ended - killed[0] < 60  # the driver noticed, gave up and exited
+    assert "max_failures" in watched.output or "failed" in watched.output.lower(), watched.output[-3000:]
+    record_property("kill_to_exit_s", round(watched.ended - killed[0], 1))
 
 
 def test_an_object_store_failing_mid_checkpoint_fails_clearly_and_resume_skips_the_partial(
-        tiny_model, prepared, tmp_path, reference, s3_server, monkeypatch):
+        tiny_model, prepared, tmp_path, reference, s3_server, monkeypatch, record_property):
     import boto3
     from faulty_s3 import FaultyS3
     from safetensors.torch import load as load_safetensors
@@ -128,7 +141,9 @@ def test_an_object_store_failing_mid_checkpoint_fails_clearly_and_resume_skips_t
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the job talks to the store through the proxy
     s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
     s3.create_bucket(Bucket="ckpt")
-    spec = resume_spec(tiny_model, prepared, tmp_path, "s3-fault")
+    # No retries: each would resume from the same registered checkpoint and be refused at the same
+    # upload (with the default 2, the job ends 2 minutes later with the same error).
+    spec = resume_spec(tiny_model, prepared, tmp_path, "s3-fault", max_failures=0)
     spec["checkpoint"] |= {"storage": "s3://ckpt/runs"}
     run_prefix = "runs/s3-fault/"
 
@@ -151,10 +166,11 @@ def test_an_object_store_failing_mid_checkpoint_fails_clearly_and_resume_skips_t
         refused_step.append(latest)
         return True
 
-    code, output = run_watching(spec, refuse_the_next_checkpoints_weights)
+    watched = run_watching(spec, refuse_the_next_checkpoints_weights)
+    output = watched.output
     assert refused_step, ([o["Key"] for o in s3.list_objects_v2(Bucket="ckpt").get("Contents", [])], output[-2000:])
     latest = refused_step[0]
-    assert code != 0 and proxy.refused, output[-3000:]
+    assert watched.code != 0 and proxy.refused, output[-3000:]
     # The store's own answer and the file it refused, in the job's log.
     assert f"'runs/s3-fault/step_{latest + 5:08d}/adapter_model.safetensors'" in output and "SLOW_DOWN" in output
     partial = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix=f"{run_prefix}step_{latest + 5:08d}/")
@@ -163,8 +179,12 @@ def test_an_object_store_failing_mid_checkpoint_fails_clearly_and_resume_skips_t
     assert registered() == latest
 
     proxy.refuse = lambda method, path: False  # the store is back; the same spec is resubmitted
-    resumed = run("jobs.train", spec)
-    assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2}) after 1 failure(s)" in resumed.stdout
+    resubmitted = time.monotonic()
+    resumed = run_watching(spec)
+    assert resumed.code == 0, resumed.output[-5000:]
+    assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2}) after 1 failure(s)" in resumed.output
     final = s3.get_object(Bucket="ckpt", Key=f"{run_prefix}step_{STEPS:08d}/adapter_model.safetensors")["Body"].read()
     assert max_difference(load_safetensors(final), reference) < 1e-5
     proxy.close()
+    record_property("first_refusal_to_exit_s", round(watched.ended - proxy.refused[0][0], 1))
+    record_property("resubmit_to_first_new_step_s", round(resumed.first(f'{{"step": {latest + 1},') - resubmitted, 1))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,21 +26,41 @@ def run(module: str, spec: dict, env: dict | None = None) -> subprocess.Complete
     return proc
 
 
-def run_watching(spec: dict, on_line: Callable[[str, subprocess.Popen], bool], timeout: float = 500) -> tuple[int, str]:
+@dataclass
+class Watched:
+    """A finished job: its exit code, each output line with the `time.monotonic()` it was read at,
+    and the time it ended."""
+
+    code: int
+    lines: list[tuple[float, str]]
+    ended: float
+
+    @property
+    def output(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    def first(self, text: str, after: float = 0.0) -> float:
+        """When the first line holding `text` was read, after `after`."""
+        return next(t for t, line in self.lines if t > after and text in line)
+
+
+def run_watching(spec: dict, on_line: Callable[[str, subprocess.Popen], bool] = lambda line, proc: True,
+                 timeout: float = 500) -> Watched:
     """Run `jobs.train` in its own process group, calling `on_line(line, proc)` on each output line
-    until it returns True; returns the exit code and the whole output."""
+    until it returns True."""
     proc = subprocess.Popen([sys.executable, "-m", "jobs.train", "--spec", json.dumps(spec)], cwd=REPO, env=job_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline, lines, done = time.monotonic() + timeout, [], False
     assert proc.stdout is not None
     for line in proc.stdout:
-        lines.append(line)
+        lines.append((time.monotonic(), line))
         if not done:
             done = on_line(line, proc)
         if time.monotonic() > deadline:
             kill_tree(proc)
-            raise TimeoutError("".join(lines)[-5000:])
-    return proc.wait(timeout=60), "".join(lines)
+            raise TimeoutError("".join(line for _, line in lines)[-5000:])
+    code = proc.wait(timeout=60)
+    return Watched(code, lines, time.monotonic())
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
