@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
 from jobs import ray_runtime, storage, tokenizer_files
@@ -50,19 +51,45 @@ def planned_train_rows(spec: TrainingSpec, manifests: list[dict[str, Any]]) -> i
     return sum(int(m["packing"]["rows"]["train"] * ref.weight) for m, ref in zip(manifests, spec.datasets, strict=True))
 
 
-def datasets(spec: TrainingSpec, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+# Splits up to this size (as Arrow arrays, all datasets together) are read once by the driver
+# and held in the object store. Streamed from storage, every epoch and every evaluation would
+# start read tasks again: seconds each, for data that fits in memory many times over.
+IN_MEMORY_MAX_BYTES = 256 << 20
+
+
+def split_bytes(manifest: dict[str, Any], split: str) -> int:
+    """What a prepared split takes in memory: its tokens times the int32 columns (token-sized
+    ones; `seq_lens` is a few ints a row)."""
+    return manifest["tokens"]["by_split"][split]["all"] * 4 * len(manifest["columns"])
+
+
+def datasets(spec: TrainingSpec, manifests: list[dict[str, Any]],
+             in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES) -> dict[str, Any]:
     """Ray Datasets of the train and val splits, datasets mixed by weight: each whole unit of
-    weight repeats every row, the fraction adds a seeded Bernoulli sample."""
+    weight repeats every row, the fraction adds a seeded Bernoulli sample. A small split is
+    materialized: epochs then split blocks already in the object store."""
     splits: dict[str, list] = {"train": [], "val": []}
+    in_memory = {split: sum(split_bytes(m, split) for m in manifests) <= in_memory_max_bytes for split in splits}
     for ref, manifest in zip(spec.datasets, manifests, strict=True):
         fs, base = storage.filesystem(ref.uri)
         for split in splits:
             if manifest["packing"]["rows"][split] == 0:
                 continue
-            ds = ray.data.read_parquet(f"{base}/{split}", filesystem=fs)
+            if in_memory[split]:
+                ds = ray.data.from_arrow(pq.read_table(f"{base}/{split}", filesystem=fs))
+            else:
+                ds = ray.data.read_parquet(f"{base}/{split}", filesystem=fs)
             whole, frac = int(ref.weight), ref.weight - int(ref.weight)
             splits[split].extend([ds] * whole + ([ds.random_sample(frac, seed=spec.seed)] if frac else []))
-    return {name: (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]) for name, parts in splits.items() if parts}
+    # The same rows in the same order on every run, here as in the workers' ingest.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    mixed = {}
+    for name, parts in splits.items():
+        if parts:
+            ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+            mixed[name] = ds.materialize() if in_memory[name] else ds
+            log.info("train: %s split %s", name, "held in memory" if in_memory[name] else "streamed from storage")
+    return mixed
 
 
 @dataclass(frozen=True)
@@ -89,11 +116,12 @@ def run_uri(spec: TrainingSpec) -> str:
     return posixpath.join(spec.checkpoint.storage.rstrip("/"), spec.name)
 
 
-def build_trainer(spec: TrainingSpec, manifests: list[dict[str, Any]], inputs: RunInputs):
+def build_trainer(spec: TrainingSpec, manifests: list[dict[str, Any]], inputs: RunInputs,
+                  in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    data = datasets(spec, manifests)
+    data = datasets(spec, manifests, in_memory_max_bytes)
     steps = total_steps(spec, planned_train_rows(spec, manifests))
     fs, path = storage.filesystem(spec.checkpoint.storage)
     resources = {"CPU": spec.scaling.cpus_per_worker} | ({"GPU": spec.scaling.gpus_per_worker} if spec.scaling.use_gpu else {})
@@ -148,7 +176,7 @@ def checkpoints_of(spec: TrainingSpec) -> list[str]:
                   if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("step_"))
 
 
-def train(spec: TrainingSpec, num_cpus: int | None = None):
+def train(spec: TrainingSpec, num_cpus: int | None = None, in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES):
     """Check, then run the trainer to the end (its workers export the result); returns Ray Train's Result."""
     # A local cluster needs CPUs beyond the workers' own: Ray Data's read tasks feed them, and
     # with none left over the workers wait for data forever.
@@ -156,7 +184,7 @@ def train(spec: TrainingSpec, num_cpus: int | None = None):
     ray_runtime.init(num_cpus or max(os.cpu_count() or 1, workers_cpus + 2))
     spec, manifests = prepare_spec(spec, ray.cluster_resources().get("GPU", 0))
     inputs = run_inputs(spec, manifests)
-    return build_trainer(spec, manifests, inputs).fit()
+    return build_trainer(spec, manifests, inputs, in_memory_max_bytes).fit()
 
 
 def dry_run(spec: TrainingSpec) -> dict[str, Any]:
@@ -198,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="training spec: a YAML/JSON file or inline JSON")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
+    parser.add_argument("--in-memory-max-bytes", type=int, default=IN_MEMORY_MAX_BYTES,
+                        help="splits up to this size are read once and held in memory (0: always stream)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -205,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps(dry_run(spec), indent=2))
             return 0
-        result = train(spec, args.num_cpus)
+        result = train(spec, args.num_cpus, args.in_memory_max_bytes)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -76,14 +76,18 @@ class Control:
         self.policy = UriPolicy(self.settings.artifact_root, self.settings.data_dir.absolute(),
                                 tuple(self.settings.shared_read_prefixes))
 
+    def known_tenant(self, key: str) -> str | None:
+        """The tenant of an API key seen within the last minute; no database round trip."""
+        tenant, expiry = self.known_keys.get(store.hash_key(key), (None, 0.0))
+        return tenant if expiry > time.monotonic() else None
+
     def tenant_for_key(self, key: str) -> str | None:
         """API key -> tenant. Known keys are remembered for a minute, so most requests skip that
         database round trip (keys are only ever added). Unknown keys are looked up every time:
         a flood of wrong keys cannot fill the memory."""
-        digest = store.hash_key(key)
-        tenant, expiry = self.known_keys.get(digest, (None, 0.0))
-        if tenant is not None and expiry > time.monotonic():
+        if (tenant := self.known_tenant(key)) is not None:
             return tenant
+        digest = store.hash_key(key)
         with self.sessions() as session:
             tenant = store.tenant_for_key(session, key)
         if tenant is not None:
@@ -230,6 +234,8 @@ class Control:
         return job
 
     def children(self, job: Job) -> list[Job]:
+        if job.kind is not Kind.PIPELINE:  # only pipelines have children: no query for the rest
+            return []
         with self.sessions() as session:
             return list(session.scalars(select(Job).where(Job.parent_id == job.id).order_by(Job.created_at)))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,12 @@ import yaml
 from jobs import scaffold_model, tokenizer_files
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The interpreter's own tools first, as in an activated virtualenv, for every process the tests
+# start (Ray jobs get the same from service.local_ray). DeepSpeed JIT-builds its CPU comm op with
+# the first `ninja` on PATH, and a system ninja (1.11) and the venv's (1.13, which changed the
+# build log's hash) each take the other's build for stale: every switch rebuilt it, 45 s each.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -109,10 +109,12 @@ class Service:
         self.start(factory)
 
     def start(self, factory: str = "service.app:create_app") -> None:
+        # A session of its own, as a deployed service has a pod of its own: where the kernel
+        # shares CPU between sessions (autogroups), the test's client threads are not its rivals.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--factory", factory, "--app-dir", str(REPO / "tests"),
              "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO, env=self.env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT)
+            cwd=REPO, env=self.env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30,
                                  headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         deadline = time.monotonic() + 60

@@ -152,3 +152,35 @@ def test_builtin_template_as_jinja_renders_the_same_text(tokenizer, template, co
     prompt = tokenizer.apply_chat_template(conversation[:-1], chat_template=chat.jinja(), tokenize=False,
                                            add_generation_prompt=True)
     assert prompt == rendered.text[:rendered.spans[-1][0]]
+
+
+# Runs in a fresh interpreter: what a preparation's driver imports to load the tokenizer.
+LOAD_PLAIN_AND_AUTO = """
+import json, sys
+from jobs import tokenizer_files
+files = tokenizer_files.fetch(sys.argv[1])
+plain = tokenizer_files.load(files)
+torch_before_auto = "torch" in sys.modules
+named_elsewhere = dict(files, **{"tokenizer_config.json": json.dumps(
+    dict(json.loads(files["tokenizer_config.json"]), tokenizer_class="GPT2TokenizerFast")).encode()})
+auto = tokenizer_files.load(named_elsewhere)
+text = "<|im_start|>user\\nHow long should I rest a steak?<|im_end|>\\n"
+print(json.dumps({"torch_before_auto": torch_before_auto, "plain": type(plain).__name__, "auto": type(auto).__name__,
+                  "same_ids": plain(text)["input_ids"] == auto(text)["input_ids"],
+                  "same_template": plain.chat_template == auto.chat_template,
+                  "same_specials": [plain.eos_token_id, plain.pad_token_id] == [auto.eos_token_id, auto.pad_token_id]}))
+"""
+
+
+def test_a_plain_fast_tokenizer_loads_without_torch_and_as_autotokenizer_would(tiny_model):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", LOAD_PLAIN_AND_AUTO, str(tiny_model)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["torch_before_auto"] is False  # two seconds of every small preparation
+    assert result["auto"].startswith("GPT2Tokenizer")  # another class goes through AutoTokenizer
+    assert result["same_ids"] and result["same_template"] and result["same_specials"], result

@@ -247,6 +247,19 @@ def test_known_api_keys_are_remembered_unknown_ones_looked_up_every_time(client)
     assert len(opened) == 3 and len(control.known_keys) == 1
 
 
+def test_a_get_is_one_query_and_a_pipelines_two(client, data_dir):
+    control = client.app.state.control
+    dataset = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client)).json()
+    pipeline = client.post("/v1/pipelines", json={"dataset": dataset_body(data_dir), "training": training_body(data_dir)},
+                           headers=auth(client)).json()
+    sessions, opened = control.sessions, []
+    control.sessions = lambda: opened.append(1) or sessions()
+    assert client.get(f"/v1/jobs/{dataset['id']}", headers=auth(client)).json()["children"] == []
+    assert len(opened) == 1  # the job; datasets and trainings have no children to look for
+    assert len(client.get(f"/v1/jobs/{pipeline['id']}", headers=auth(client)).json()["children"]) == 1
+    assert len(opened) == 3
+
+
 def test_ray_errors_are_classified_by_what_they_say_not_by_digits_in_ids():
     from service.ray_jobs import RayJobs, RayUnavailable, UnknownToRay
 

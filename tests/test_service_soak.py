@@ -1,11 +1,17 @@
 """Soak (issue 6, item 8): 50 dataset jobs submitted at once by 5 tenants to the service on a real
 local Ray cluster, small inputs. Every job ends terminal, none is duplicated or lost, each tenant
 sees only its own, and GETs stay fast while the cluster is busy. The figures are recorded with
-`record_property` (printed at the end of the run, quoted in docs/reliability.md)."""
+`record_property` (printed at the end of the run, quoted in docs/reliability.md).
+
+Two runs of it: on the two cores everything shares (about 4 minutes, in the default run), and with
+the service on a core of its own, as deployed (`pytest -m soak`: the cluster gets one core and
+takes twice as long). The GET target (p99 under 25 ms) is asserted for the second; the first has
+bounds that catch a regression."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,35 +23,96 @@ import pytest
 from service_fixtures import REPO, TERMINAL, Service, dataset_body
 
 from service import local_ray, store
+from service.settings import Settings
 
-# About 10 jobs a minute on 2 cores: some 5 minutes, too long for CI beside the rest of the suite.
-pytestmark = [pytest.mark.integration, pytest.mark.soak, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 TENANTS, JOBS_PER_TENANT = 5, 10
-# The target is 25 ms (docs/benchmarks.md), not met on 2 cores shared with ten job drivers: the
-# soak measured 290 ms. This bound catches a return to what it measured before the fixes it
-# prompted (590-930 ms).
-GET_P99_BOUND_S = 0.5
+GET_TARGET_S = 0.025  # docs/benchmarks.md
+# With `own_core`: the service on the first core this test may use, everything else on the rest.
+CORES = sorted(os.sched_getaffinity(0))
+SERVICE_CORE, CLUSTER_CORES = set(CORES[:1]), set(CORES[1:])
 
 
-def yield_cpu_to_the_service(head: local_ray.LocalRay) -> None:
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of a process onto `cpus`; the threads and processes it starts later inherit it."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+class CpuToTheService:
     """Deployed, the control plane has a pod and CPUs of its own; here it shares two cores with
-    ten job drivers. The cluster's processes run at nice 19 (the workers and drivers its raylet
-    starts later inherit it), so the service answers as it would on its own CPU."""
-    root = psutil.Process(head.process.pid)
-    for process in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
+    ten job drivers. Nice values alone do not give it priority: with the kernel's autogroup
+    scheduling (on here) each session gets an equal share of the CPU whatever its processes'
+    nice, and Ray starts every job driver in a session of its own, so ten drivers left the
+    service a tenth of the CPU. This lowers the priority of the cluster's processes and of their
+    sessions' autogroups as drivers appear, until stopped; with `cores`, it also keeps the
+    cluster on those cores."""
+
+    def __init__(self, head: local_ray.LocalRay, cores: set[int] | None = None):
+        self.root, self.cores, self.seen, self.stopped = psutil.Process(head.process.pid), cores, set(), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(0.2):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for process in [self.root, *self.root.children(recursive=True)]:
+                    if process.pid not in self.seen:
+                        self._yield(process)
+
+    def _yield(self, process: psutil.Process) -> None:
+        try:
             process.nice(19)
+            if self.cores:
+                pin(process.pid, self.cores)
+            # The kernel takes ten autogroup changes a second from an unprivileged process
+            # (EAGAIN beyond): a process not done yet is tried again on the next round.
+            with open(f"/proc/{process.pid}/autogroup", "r+") as autogroup:
+                if not autogroup.read().rstrip().endswith("nice 19"):
+                    autogroup.write("19")
+        except FileNotFoundError:  # a kernel without autogroups: nice is enough
+            pass
+        except (psutil.Error, OSError):  # gone, or the autogroup limit: the next round decides
+            return
+        self.seen.add(process.pid)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
-def test_fifty_jobs_from_five_tenants_all_end_none_lost_none_shared(tmp_path, tiny_model, record_property):
+def served_get_latency(metrics: str) -> tuple[int, float, float]:
+    """From the service's own histogram of `GET /v1/jobs/{job_id}`: the requests it served, the
+    share served within 25 ms, and the upper bound of the bucket that holds the p99."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets = sorted((float(sample.labels["le"]), sample.value) for family in text_string_to_metric_families(metrics)
+                     for sample in family.samples if sample.name == "raysft_http_request_seconds_bucket"
+                     and sample.labels["method"] == "GET" and sample.labels["route"] == "/v1/jobs/{job_id}")
+    served = buckets[-1][1]  # le="+Inf"
+    p99_bound = next(le for le, count in buckets if count >= 0.99 * served)
+    return int(served), dict(buckets)[0.025] / served, p99_bound
+
+
+def soak(tmp_path, tiny_model, own_core: bool) -> dict:
+    """Run the soak; returns its figures, having asserted that every job ended, once, seen only
+    by its tenant."""
     data_dir = tmp_path / "data"
     head = local_ray.start(num_cpus=4)
-    yield_cpu_to_the_service(head)
-    # Two active jobs per tenant: ten Ray job drivers at most on this 2-core machine; the rest wait
-    # their turn behind 429s, as a client of the service would.
-    service = Service(data_dir, tiny_model, head, tenant_max_active_jobs=2, tenant_request_burst=1000,
-                      tenant_requests_per_s=1000)
+    cpu = CpuToTheService(head, CLUSTER_CORES if own_core else None)
+    if own_core:
+        os.sched_setaffinity(0, CLUSTER_CORES)  # the clients too: this thread starts them all
+    service = None
     try:
+        # Two active jobs per tenant: ten Ray job drivers at most on this 2-core machine; the rest
+        # wait their turn behind 429s, as a client of the service would. The reconcile loop runs at
+        # its deployed interval (the other service tests run it at 0.5 s).
+        service = Service(data_dir, tiny_model, head, tenant_max_active_jobs=2, tenant_request_burst=1000,
+                          tenant_requests_per_s=1000,
+                          reconcile_interval_s=Settings.model_fields["reconcile_interval_s"].default)
+        if own_core:
+            pin(service.process.pid, SERVICE_CORE)
         sessions = store.session_factory(store.make_engine(f"sqlite:///{data_dir.absolute() / 'raysft.db'}"))
         keys = {}
         rows = (REPO / "configs/data/alpaca.jsonl").read_text().splitlines()[:12]
@@ -113,12 +180,37 @@ def test_fifty_jobs_from_five_tenants_all_end_none_lost_none_shared(tmp_path, ti
         recorded = [j["metadata"].get("raysft_job_id") for j in ray_jobs]
         assert sorted(recorded) == sorted(set().union(*ids.values()))
         p50, p99 = np.percentile(latencies, [50, 99])
-        figures = {"jobs": len(statuses), "wall_s": round(elapsed, 1), "jobs_per_min": round(60 * len(statuses) / elapsed, 1),
-                   "gets": len(latencies), "get_p50_ms": round(1000 * p50, 1), "get_p99_ms": round(1000 * p99, 1),
-                   "get_max_ms": round(1000 * max(latencies), 1)}
-        for name, value in figures.items():
-            record_property(name, value)
-        assert p99 < GET_P99_BOUND_S, figures
+        served, served_in_target, served_p99_bound_s = served_get_latency(service.http.get("/metrics").text)
+        return {"jobs": len(statuses), "wall_s": round(elapsed, 1), "jobs_per_min": round(60 * len(statuses) / elapsed, 1),
+                "gets": len(latencies), "get_p50_ms": round(1000 * p50, 1), "get_p99_ms": round(1000 * p99, 1),
+                "get_max_ms": round(1000 * max(latencies), 1), "served_gets": served,
+                "served_within_25_ms": round(served_in_target, 4), "served_p99_at_most_ms": 1000 * served_p99_bound_s}
     finally:
-        service.kill()
+        os.sched_setaffinity(0, CORES)
+        cpu.stop()
+        if service is not None:
+            service.kill()
         head.stop()
+
+
+def record(figures: dict, record_property) -> None:
+    for name, value in figures.items():
+        record_property(name, value)
+
+
+def test_fifty_jobs_from_five_tenants_all_end_none_lost_none_shared(tmp_path, tiny_model, record_property):
+    """Everything on the same two cores. Measured: 98% of GETs served within 25 ms, client p99
+    36-38 ms; slow requests are slower in every phase alike (parsing, the thread hop, the query,
+    the reply), which is waiting for a CPU, not work. The bounds catch a return to what the soak
+    measured before its fixes (served p99 250 ms, client p99 240-290 ms)."""
+    figures = soak(tmp_path, tiny_model, own_core=False)
+    record(figures, record_property)
+    assert figures["served_within_25_ms"] >= 0.95 and figures["get_p99_ms"] < 100, figures
+
+
+@pytest.mark.soak
+@pytest.mark.skipif(not CLUSTER_CORES, reason="needs two cores: one for the service")
+def test_with_a_core_of_its_own_the_service_answers_gets_within_its_target(tmp_path, tiny_model, record_property):
+    figures = soak(tmp_path, tiny_model, own_core=True)
+    record(figures, record_property)
+    assert figures["served_p99_at_most_ms"] <= 1000 * GET_TARGET_S, figures

@@ -76,7 +76,9 @@ def test_lora_zero2_two_workers_checkpoints_to_s3(s3_server, tiny_model, prepare
     s3.create_bucket(Bucket="ckpt")
     spec = training_spec(tiny_model, prepared, "s3://ckpt/runs", name="lora-z2",
                          strategy={"kind": "deepspeed", "zero_stage": 2})
-    proc = run("jobs.train", spec, env=s3_server)
+    # The data streams from storage here, as large datasets do (the other runs hold it in memory).
+    proc = run("jobs.train", spec, env=s3_server, args=("--in-memory-max-bytes", "0"))
+    assert "train split streamed" in proc.stderr
     assert_learns(step_metrics(proc.stdout + proc.stderr), 10)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix="runs/lora-z2/")["Contents"]}
     for step in ("step_00000005", "step_00000010"):
@@ -108,8 +110,9 @@ def test_full_finetune_ddp_two_workers(tiny_model, prepared, tmp_path):
     assert_exported(tmp_path / "ckpt/full-ddp/export", tiny_model, adapter=False)
 
 
-def test_datasets_mix_by_weight(tiny_model, prepared, tmp_path):
+def test_datasets_mix_by_weight_held_in_memory_or_streamed(tiny_model, prepared, tmp_path):
     import ray
+    from ray.data.dataset import MaterializedDataset
 
     from jobs import ray_runtime
     from jobs.train import datasets, planned_train_rows
@@ -118,15 +121,24 @@ def test_datasets_mix_by_weight(tiny_model, prepared, tmp_path):
     spec = load_training_spec(training_spec(tiny_model, prepared, str(tmp_path), datasets=[
         {"uri": str(prepared), "weight": 2.0}, {"uri": str(prepared), "weight": 0.5}]))
     manifests = check_datasets(spec)
+    plain = load_training_spec(training_spec(tiny_model, prepared, str(tmp_path)))
     rows = manifests[0]["packing"]["rows"]["train"]
     ray_runtime.init(num_cpus=2)
     try:
-        mixed = datasets(spec, manifests)["train"].count()
+        in_memory, streamed = datasets(spec, manifests), datasets(spec, manifests, in_memory_max_bytes=0)
+        mixed = {"in memory": in_memory["train"].count(), "streamed": streamed["train"].count()}
+        assert isinstance(in_memory["train"], MaterializedDataset)
+        assert not isinstance(streamed["train"], MaterializedDataset)
+        # Either way, the same rows in the same order: a run does not depend on how it read them.
+        columns = ["input_ids", "labels", "position_ids", "seq_lens"]
+        held, read = (datasets(plain, manifests[:1], limit)["train"].to_pandas()[columns] for limit in (1 << 30, 0))
+        assert held.map(list).equals(read.map(list)) and len(held) == rows
     finally:
         ray.shutdown()
     assert planned_train_rows(spec, manifests) == 2 * rows + rows // 2
     # Weight 2.0: every row twice; weight 0.5: a seeded Bernoulli(0.5) sample of the rows.
-    assert 2 * rows + 0.3 * rows <= mixed <= 2 * rows + 0.7 * rows
+    for count in mixed.values():
+        assert 2 * rows + 0.3 * rows <= count <= 2 * rows + 0.7 * rows, mixed
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(tiny_model, prepared, tmp_path):

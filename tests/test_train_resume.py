@@ -1,11 +1,14 @@
 """Issue 3 acceptance 5: exact resume. A 20-step LoRA run (ZeRO-2, 2 workers, dropout on, so the
 random streams matter) checkpointing every 5 steps is killed after step 12 and resubmitted, or
-loses a worker process mid-run; both end with the parameters of a run that never stopped."""
+loses a worker process mid-run; both end with the parameters of a run that never stopped. The
+same spec under a fresh name starts from zero."""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -30,18 +33,27 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@dataclass(frozen=True)
+class Reference:
+    storage: Path  # where the run lives, beside the runs of tests that use it
+    adapter: dict  # its final adapter
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_model, prepared, tmp_path_factory) -> dict:
-    """The adapter of the same run, never interrupted."""
+def reference(tiny_model, prepared, tmp_path_factory) -> Reference:
+    """The same run, never interrupted."""
     storage = tmp_path_factory.mktemp("reference")
     run("jobs.train", resume_spec(tiny_model, prepared, storage, "reference"))
-    return final_adapter(storage, "reference")
+    return Reference(storage, final_adapter(storage, "reference"))
 
 
-def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_model, prepared, tmp_path, reference,
+def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_model, prepared, reference,
                                                                         record_property):
-    spec = resume_spec(tiny_model, prepared, tmp_path, "killed")
-    run_dir = tmp_path / "killed"
+    # The reference's storage holds a finished run of this very spec: under a fresh name, the
+    # spec starts from zero all the same.
+    storage = reference.storage
+    spec = resume_spec(tiny_model, prepared, storage, "killed")
+    run_dir = storage / "killed"
 
     def kill_after_step_12(line, proc):
         if '{"step": 12,' in line:
@@ -49,7 +61,9 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
             return True
         return False
 
-    assert run_watching(spec, kill_after_step_12).code != 0
+    killed = run_watching(spec, kill_after_step_12)
+    assert killed.code != 0
+    assert "resumed" not in killed.output and sorted(step_metrics(killed.output))[0] == 1
     assert not (run_dir / f"step_{STEPS:08d}").exists()
     # Ray Train registers a checkpoint once every worker has uploaded it and the controller has
     # taken the report (it polls every 2 s), so step 10's may or may not be registered yet.
@@ -65,7 +79,7 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
     assert resumed.code == 0, output[-5000:]
     assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2}) after 1 failure(s)" in output
     assert sorted(step_metrics(output)) == list(range(latest + 1, STEPS + 1))
-    assert max_difference(final_adapter(tmp_path, "killed"), reference) < 1e-5
+    assert max_difference(final_adapter(storage, "killed"), reference.adapter) < 1e-5
     record_property("resubmit_to_first_new_step_s", round(resumed.first(f'{{"step": {latest + 1},') - resubmitted, 1))
     record_property("steps_redone", 12 - latest)
     # The history beside the checkpoints holds every step once: the steps after the checkpoint
@@ -73,11 +87,6 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in history] == list(range(1, STEPS + 1))
     assert [entry["failures"] for entry in history] == [0] * latest + [1] * (STEPS - latest)
-
-    # The same spec under a fresh run name starts from zero: nothing of "killed" is resumed.
-    fresh = run("jobs.train", spec | {"name": "fresh", "max_steps": 2})
-    assert "resumed" not in fresh.stdout + fresh.stderr
-    assert sorted(step_metrics(fresh.stdout)) == [1, 2]
 
 
 def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepared, tmp_path, reference,
@@ -106,7 +115,7 @@ def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepa
     record_property("kill_to_resumed_s", round(watched.first(resumed, after=killed[0]) - killed[0], 1))
     record_property("kill_to_first_new_step_s",
                     round(watched.first(f'{{"step": {killed_at[0] + 1},', after=killed[0]) - killed[0], 1))
-    assert max_difference(final_adapter(tmp_path, "worker-killed"), reference) < 1e-5
+    assert max_difference(final_adapter(tmp_path, "worker-killed"), reference.adapter) < 1e-5
     last = json.loads((tmp_path / "worker-killed/metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == STEPS and last["failures"] == 1
 
@@ -184,7 +193,7 @@ def test_an_object_store_failing_mid_checkpoint_fails_clearly_and_resume_skips_t
     assert resumed.code == 0, resumed.output[-5000:]
     assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2}) after 1 failure(s)" in resumed.output
     final = s3.get_object(Bucket="ckpt", Key=f"{run_prefix}step_{STEPS:08d}/adapter_model.safetensors")["Body"].read()
-    assert max_difference(load_safetensors(final), reference) < 1e-5
+    assert max_difference(load_safetensors(final), reference.adapter) < 1e-5
     proxy.close()
     record_property("first_refusal_to_exit_s", round(watched.ended - proxy.refused[0][0], 1))
     record_property("resubmit_to_first_new_step_s", round(resumed.first(f'{{"step": {latest + 1},') - resubmitted, 1))

@@ -19,8 +19,8 @@ def job_env(env: dict | None = None) -> dict:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
 
 
-def run(module: str, spec: dict, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", module, "--spec", json.dumps(spec)], cwd=REPO, env=job_env(env),
+def run(module: str, spec: dict, env: dict | None = None, args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", module, "--spec", json.dumps(spec), *args], cwd=REPO, env=job_env(env),
                           capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return proc
