@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import posixpath
 import sys
 import time
@@ -31,10 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from jobs import manifest as mf
-from jobs import ray_runtime, storage, tokenizer_files
+from jobs import storage, tokenizer_files
 from jobs.filters import unit_interval
 from jobs.manifest import SPLITS, TOKEN_COLUMNS
 from jobs.packing import bfd_bins, pack_row, single_bins
@@ -108,27 +106,6 @@ def resolve_inputs(spec: DatasetSpec) -> Inputs:
 # ---------------------------------------------------------------- the per-row pass
 
 
-# One render+tokenize stage per worker process and spec: Ray reuses worker processes across tasks,
-# so the tokenizer is loaded once per worker, like an actor, without pinning CPUs the way an
-# actor pool does (actors holding every CPU starve the read tasks that feed them).
-_STAGES: dict[tuple[str, str], RenderTokenize] = {}
-
-
-def _stage(spec_json: str, tok_ref: ray.ObjectRef) -> RenderTokenize:
-    key = (spec_json, tok_ref.hex())
-    if key not in _STAGES:
-        # Ray already runs one tokenizing task per CPU: Rust-side threads would only contend.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        _STAGES.clear()
-        _STAGES[key] = RenderTokenize(DatasetSpec.model_validate_json(spec_json), tokenizer_files.load(ray.get(tok_ref)))
-    return _STAGES[key]
-
-
-def tokenize_batch(batch: pa.Table, spec_json: str, tok_ref: ray.ObjectRef) -> pa.Table:
-    """`add_tokens` in a Ray Data task, with the worker's cached stage."""
-    return add_tokens(batch, _stage(spec_json, tok_ref))
-
-
 def add_tokens(batch: pa.Table, stage: RenderTokenize) -> pa.Table:
     """Render + tokenize + mask the usable rows of a batch of parsed rows.
 
@@ -171,7 +148,8 @@ def read_and_tokenize(spec: DatasetSpec, inputs: Inputs, options: Options) -> pa
                  options.in_process_max_bytes)
         batches = in_process_batches(spec, inputs, options)
     else:
-        ray_runtime.init(options.num_cpus)
+        from jobs.prepare_ray import ray_data_batches  # Ray only where it is used: small jobs skip its import
+
         batches = ray_data_batches(spec, inputs, options)
     tables, done, started, last = [], 0, time.monotonic(), 0.0
     for table in batches:
@@ -195,31 +173,6 @@ def in_process_batches(spec: DatasetSpec, inputs: Inputs, options: Options) -> I
             rows = parse_file(path, storage.read_bytes(fs, path), i, source, spec)
             for start in range(0, len(rows), options.batch_size):
                 yield add_tokens(pa.Table.from_pylist(rows[start:start + options.batch_size]), stage)
-
-
-def ray_data_batches(spec: DatasetSpec, inputs: Inputs, options: Options) -> Iterator[pa.Table]:
-    """A task per file reads and parses it; tasks render, tokenize and mask batches."""
-    datasets = []
-    for i, (source, (fs, paths)) in enumerate(zip(spec.sources, inputs.files, strict=True)):
-        def parse(row: dict[str, Any], i=i, source=source) -> list[dict[str, Any]]:
-            return parse_file(row["path"], row["bytes"], i, source, spec)
-
-        datasets.append(ray.data.read_binary_files(paths, filesystem=fs, include_paths=True).flat_map(parse))
-    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    # A file is read and parsed by one task, then tokenized in batches. With fewer files than
-    # CPUs, split the parsed rows so every CPU gets tokenizing work.
-    cpus = ray_runtime.cluster_cpus()
-    n_files = sum(len(paths) for _, paths in inputs.files)
-    blocks = options.blocks or (2 * cpus if n_files < cpus else None)
-    if blocks:
-        ds = ds.repartition(blocks)
-    ds = ds.map_batches(
-        tokenize_batch,
-        fn_kwargs={"spec_json": spec.model_dump_json(), "tok_ref": ray.put(inputs.tokenizer_files)},
-        batch_size=options.batch_size,
-        batch_format="pyarrow",
-    )
-    return ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
 def row_order(rows: pa.Table) -> np.ndarray:

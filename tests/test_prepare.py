@@ -165,6 +165,17 @@ def test_deterministic_across_cpus_block_sizes_and_executors(reference_run, demo
             assert left == right
 
 
+def test_a_small_preparation_never_imports_ray(demo_spec, tmp_path):
+    """Importing Ray is a fifth of a small job's driver CPU, and the in-process path needs none of it."""
+    prepare_then_look = "import sys; from jobs import prepare; code = prepare.main(sys.argv[1:]); print('ray' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", prepare_then_look, "--spec", json.dumps(demo_spec(tmp_path / "out"))],
+                          cwd=REPO, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "tokenizing in this process" in proc.stderr, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert json.loads((tmp_path / "out/manifest.json").read_text())["status"] == "succeeded"
+
+
 def test_s3_sources_tokenizer_and_output(s3_server, reference_run, demo_spec, tiny_model):
     import boto3
     import pyarrow.fs as pafs

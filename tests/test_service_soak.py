@@ -1,12 +1,12 @@
 """Soak (issue 6, item 8): 50 dataset jobs submitted at once by 5 tenants to the service on a real
 local Ray cluster, small inputs. Every job ends terminal, none is duplicated or lost, each tenant
-sees only its own, and GETs stay fast while the cluster is busy. The figures are recorded with
-`record_property` (printed at the end of the run, quoted in docs/reliability.md).
+sees only its own, and the service serves 99% of GETs within its 25 ms target while the cluster is
+busy. The figures are recorded with `record_property` (printed at the end of the run, quoted in
+docs/reliability.md).
 
-Two runs of it: on the two cores everything shares (about 4 minutes, in the default run), and
-with the service on a core of its own, as deployed (`pytest -m soak`: the cluster gets one core,
-about 6 minutes). The GET target (p99 under 25 ms) is asserted for the second; the first has
-bounds that catch a regression."""
+The service gets what a deployment gives it: first call on a CPU. Its process is pinned to the
+first core, the clients to the others, and the cluster may use every core at the lowest priority,
+so it takes whatever the service leaves (about three quarters of that core)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from service.settings import Settings
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 TENANTS, JOBS_PER_TENANT = 5, 10
 GET_TARGET_S = 0.025  # docs/benchmarks.md
-# With `own_core`: the service on the first core this test may use, everything else on the rest.
+# The service on the first core this test may use, the clients on the rest.
 CORES = sorted(os.sched_getaffinity(0))
-SERVICE_CORE, CLUSTER_CORES = set(CORES[:1]), set(CORES[1:])
+SERVICE_CORE, CLIENT_CORES = set(CORES[:1]), set(CORES[1:])
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -40,17 +40,16 @@ def pin(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
 
 
-class CpuToTheService:
-    """Deployed, the control plane has a pod and CPUs of its own; here it shares two cores with
+class ClusterAtLowestPriority:
+    """Deployed, the control plane has a pod with CPUs of its own; here it shares two cores with
     ten job drivers. Nice values alone do not give it priority: with the kernel's autogroup
     scheduling (on here) each session gets an equal share of the CPU whatever its processes'
     nice, and Ray starts every job driver in a session of its own, so ten drivers left the
     service a tenth of the CPU. This lowers the priority of the cluster's processes and of their
-    sessions' autogroups as drivers appear, until stopped; with `cores`, it also keeps the
-    cluster on those cores."""
+    sessions' autogroups as drivers appear, until stopped."""
 
-    def __init__(self, head: local_ray.LocalRay, cores: set[int] | None = None):
-        self.root, self.cores, self.seen, self.stopped = psutil.Process(head.process.pid), cores, set(), threading.Event()
+    def __init__(self, head: local_ray.LocalRay):
+        self.root, self.seen, self.stopped = psutil.Process(head.process.pid), set(), threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -64,8 +63,6 @@ class CpuToTheService:
     def _yield(self, process: psutil.Process) -> None:
         try:
             process.nice(19)
-            if self.cores:
-                pin(process.pid, self.cores)
             # The kernel takes ten autogroup changes a second from an unprivileged process
             # (EAGAIN beyond): a process not done yet is tried again on the next round.
             with open(f"/proc/{process.pid}/autogroup", "r+") as autogroup:
@@ -95,14 +92,13 @@ def served_get_latency(metrics: str) -> tuple[int, float, float]:
     return int(served), dict(buckets)[0.025] / served, p99_bound
 
 
-def soak(tmp_path, tiny_model, own_core: bool) -> dict:
+def soak(tmp_path, tiny_model) -> dict:
     """Run the soak; returns its figures, having asserted that every job ended, once, seen only
     by its tenant."""
     data_dir = tmp_path / "data"
-    head = local_ray.start(num_cpus=4)
-    cpu = CpuToTheService(head, CLUSTER_CORES if own_core else None)
-    if own_core:
-        os.sched_setaffinity(0, CLUSTER_CORES)  # the clients too: this thread starts them all
+    head = local_ray.start(num_cpus=4)  # on every core
+    cluster = ClusterAtLowestPriority(head)
+    os.sched_setaffinity(0, CLIENT_CORES)  # this thread starts the service and every client
     service = None
     try:
         # Two active jobs per tenant: ten Ray job drivers at most on this 2-core machine; the rest
@@ -111,8 +107,7 @@ def soak(tmp_path, tiny_model, own_core: bool) -> dict:
         service = Service(data_dir, tiny_model, head, tenant_max_active_jobs=2, tenant_request_burst=1000,
                           tenant_requests_per_s=1000,
                           reconcile_interval_s=Settings.model_fields["reconcile_interval_s"].default)
-        if own_core:
-            pin(service.process.pid, SERVICE_CORE)
+        pin(service.process.pid, SERVICE_CORE)
         sessions = store.session_factory(store.make_engine(f"sqlite:///{data_dir.absolute() / 'raysft.db'}"))
         keys = {}
         rows = (REPO / "configs/data/alpaca.jsonl").read_text().splitlines()[:12]
@@ -187,30 +182,16 @@ def soak(tmp_path, tiny_model, own_core: bool) -> dict:
                 "served_within_25_ms": round(served_in_target, 4), "served_p99_at_most_ms": 1000 * served_p99_bound_s}
     finally:
         os.sched_setaffinity(0, CORES)
-        cpu.stop()
+        cluster.stop()
         if service is not None:
             service.kill()
         head.stop()
 
 
-def record(figures: dict, record_property) -> None:
+@pytest.mark.skipif(not CLIENT_CORES, reason="needs two cores: one for the service")
+def test_fifty_jobs_from_five_tenants_all_end_none_lost_none_shared_gets_within_target(tmp_path, tiny_model,
+                                                                                       record_property):
+    figures = soak(tmp_path, tiny_model)
     for name, value in figures.items():
         record_property(name, value)
-
-
-def test_fifty_jobs_from_five_tenants_all_end_none_lost_none_shared(tmp_path, tiny_model, record_property):
-    """Everything on the same two cores. Measured: 98% of GETs served within 25 ms, client p99
-    36-38 ms; slow requests are slower in every phase alike (parsing, the thread hop, the query,
-    the reply), which is waiting for a CPU, not work. The bounds catch a return to what the soak
-    measured before its fixes (served p99 250 ms, client p99 240-290 ms)."""
-    figures = soak(tmp_path, tiny_model, own_core=False)
-    record(figures, record_property)
-    assert figures["served_within_25_ms"] >= 0.95 and figures["get_p99_ms"] < 100, figures
-
-
-@pytest.mark.soak
-@pytest.mark.skipif(not CLUSTER_CORES, reason="needs two cores: one for the service")
-def test_with_a_core_of_its_own_the_service_answers_gets_within_its_target(tmp_path, tiny_model, record_property):
-    figures = soak(tmp_path, tiny_model, own_core=True)
-    record(figures, record_property)
     assert figures["served_p99_at_most_ms"] <= 1000 * GET_TARGET_S, figures
