@@ -8,9 +8,14 @@ environment unchanged.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
+
+# Ray Train's placement-group cleaner asks the State API every second whether the controller
+# lives. Without a dashboard there is no State API, and each failed ask logs a warning.
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def init(num_cpus: int | None = None) -> None:
@@ -19,11 +24,17 @@ def init(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": quiet_without_state_api})
     ctx = ray.data.DataContext.get_current()
     # Rows are never silently dropped: a failing block fails the job (Ray Data's default is 0 too,
     # set here so a cluster-wide override cannot change it).
     ctx.max_errored_blocks = 0
+
+
+def quiet_without_state_api() -> None:
+    """Run in every worker of a private local cluster: only the cleaner's errors get through."""
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def cluster_cpus() -> int:

@@ -112,10 +112,6 @@ def run_inputs(spec: TrainingSpec, manifests: list[dict[str, Any]]) -> RunInputs
     return RunInputs(serving_template(first, tokenizer), stops, pad)
 
 
-def run_uri(spec: TrainingSpec) -> str:
-    return posixpath.join(spec.checkpoint.storage.rstrip("/"), spec.name)
-
-
 def build_trainer(spec: TrainingSpec, manifests: list[dict[str, Any]], inputs: RunInputs,
                   in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -129,12 +125,12 @@ def build_trainer(spec: TrainingSpec, manifests: list[dict[str, Any]], inputs: R
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
     has_val = "val" in data
-    log.info("train: %d steps, %d workers, run %s", steps, spec.scaling.num_workers, run_uri(spec))
+    log.info("train: %d steps, %d workers, run %s", steps, spec.scaling.num_workers, spec.run_uri)
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.model_dump_json(), "total_steps": steps, "pad_id": inputs.pad_id,
                            "chat_template": inputs.chat_template, "stop_ids": inputs.stop_ids,
-                           "run_uri": run_uri(spec), "has_val": has_val},
+                           "run_uri": spec.run_uri, "has_val": has_val},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=resources),
         datasets=data,
@@ -164,13 +160,13 @@ def prepare_spec(spec: TrainingSpec, cluster_gpus: float) -> tuple[TrainingSpec,
     manifests = check_datasets(spec)
     if spec.checkpoint.resume == "none" and checkpoints_of(spec):
         raise SpecError([f"checkpoint.resume: none, but run {spec.name!r} already has checkpoints under "
-                         f"{run_uri(spec)}: choose a new name, or resume: latest to continue it"])
+                         f"{spec.run_uri}: choose a new name, or resume: latest to continue it"])
     return spec, manifests
 
 
 def checkpoints_of(spec: TrainingSpec) -> list[str]:
     """The checkpoint directories a run of this name already has."""
-    fs, path = storage.filesystem(run_uri(spec))
+    fs, path = storage.filesystem(spec.run_uri)
     found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(posixpath.basename(i.path) for i in found
                   if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("step_"))
@@ -209,7 +205,7 @@ def dry_run(spec: TrainingSpec) -> dict[str, Any]:
 
 def report(result, spec: TrainingSpec) -> str:
     """The end of a run, for people: final metrics, where things are, one generated answer."""
-    metrics, run = result.metrics or {}, storage.absolute(run_uri(spec))
+    metrics, run = result.metrics or {}, storage.absolute(spec.run_uri)
     lines = [f"training finished: step {metrics.get('step', '-')}, loss {metrics.get('loss', math.nan):.4f}, "
              f"eval_loss {metrics.get('eval_loss', math.nan):.4f}, perplexity {metrics.get('perplexity', math.nan):.2f}, "
              f"token_accuracy {metrics.get('token_accuracy', math.nan):.3f}",

@@ -208,6 +208,16 @@ class TrainingSpec(SpecModel):
             raise ValueError("method qlora cannot shard 4-bit weights with zero_stage 3: use zero_stage 2 or ddp")
         return self
 
+    @property
+    def run_uri(self) -> str:
+        return run_uri(self.checkpoint.storage, self.name)
+
+
+def run_uri(checkpoint_storage: str, name: str) -> str:
+    """Where a run lives: its checkpoints, metrics history and export. The service reads its
+    progress there, from the stored spec."""
+    return posixpath.join(checkpoint_storage.rstrip("/"), name)
+
 
 def load_training_spec(spec: str | Path | dict[str, Any]) -> TrainingSpec:
     """The training spec from a mapping, a file path, or an inline JSON/YAML string."""

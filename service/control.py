@@ -386,7 +386,10 @@ class Control:
             elif training is not None and training.status is Status.SUCCEEDED:
                 pipeline.finish(Status.SUCCEEDED)
             pipeline.progress = progress.pipeline(dataset.progress or {}, training.progress if training else None)
-            session.commit()
+            try:
+                session.commit()
+            except IntegrityError:  # another replica's pass created the training first, and submits it
+                return
         if submit is not None:
             self.submit_pending(pipeline_id)
 

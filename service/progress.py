@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from jobs import storage
+from jobs.train_spec import run_uri
 
 
 def _read_json_lines(uri: str) -> list[dict[str, Any]]:
@@ -48,7 +49,8 @@ def dataset(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_dir(spec: dict[str, Any]) -> str:
-    return posixpath.join(spec["checkpoint"]["storage"].rstrip("/"), spec["name"])
+    """The run directory of a stored training spec, by the rule `jobs.train` writes it with."""
+    return run_uri(spec["checkpoint"]["storage"], spec["name"])
 
 
 def training(spec: dict[str, Any]) -> dict[str, Any]:

@@ -179,6 +179,31 @@ def test_pipeline_trains_only_after_its_dataset_succeeds(client, ray, data_dir):
     assert client.get(f"/v1/jobs/{pipeline['id']}", headers=auth(client)).json()["status"] == "SUCCEEDED"
 
 
+def test_two_replicas_advancing_a_pipeline_at_once_start_one_training(client, ray, data_dir, monkeypatch):
+    """Each replica's reconcile loop advances pipelines: two may see the same dataset succeed."""
+    from service.control import Control
+
+    body = {"dataset": dataset_body(data_dir), "training": training_body(data_dir)}
+    pipeline = client.post("/v1/pipelines", json=body, headers=auth(client)).json()
+    [dataset_id] = pipeline["children"]
+    reconcile(client)
+    ray.set(f"raysft-{dataset_id}", Status.SUCCEEDED)
+    make_child = Control._child
+
+    def the_other_replica_commits_first(control, parent, kind, spec):
+        monkeypatch.setattr(Control, "_child", make_child)
+        control._advance_pipeline(parent.id)  # a whole pass, in its own session
+        return make_child(control, parent, kind, spec)
+
+    monkeypatch.setattr(Control, "_child", the_other_replica_commits_first)
+    reconcile(client)  # loses the race: no error, and nothing of its own is kept
+    children = client.get(f"/v1/jobs/{pipeline['id']}", headers=auth(client)).json()["children"]
+    assert len(children) == 2 and sorted(ray.jobs) == sorted(f"raysft-{c}" for c in children)
+    ray.set(f"raysft-{children[1]}", Status.SUCCEEDED)
+    reconcile(client)
+    assert client.get(f"/v1/jobs/{pipeline['id']}", headers=auth(client)).json()["status"] == "SUCCEEDED"
+
+
 def test_pipeline_fails_with_the_reason_when_preparation_fails(client, ray, data_dir):
     body = {"dataset": dataset_body(data_dir), "training": training_body(data_dir)}
     pipeline = client.post("/v1/pipelines", json=body, headers=auth(client)).json()

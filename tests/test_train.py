@@ -106,6 +106,8 @@ def test_full_finetune_ddp_two_workers(tiny_model, prepared, tmp_path):
                          optim={"lr": 0.002, "warmup_ratio": 0.0}, strategy={"kind": "ddp"})
     proc = run("jobs.train", spec)
     assert_learns(step_metrics(proc.stdout + proc.stderr), 10)
+    # Its private cluster has no State API; Ray Train's cleaner would say so every second.
+    assert "Failed to query Ray Train Controller actor state" not in proc.stderr
     assert (tmp_path / "ckpt/full-ddp/step_00000010/ddp_state.pt").exists()
     assert_exported(tmp_path / "ckpt/full-ddp/export", tiny_model, adapter=False)
 

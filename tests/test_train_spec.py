@@ -22,6 +22,15 @@ def test_defaults_and_strategy_union():
     assert isinstance(ddp.strategy, DdpStrategy)
 
 
+def test_the_service_finds_a_run_where_the_job_writes_it():
+    from service.progress import run_dir
+
+    for storage in ("s3://bucket/runs/", "/data/checkpoints"):
+        spec = load_training_spec(MINIMAL | {"checkpoint": {"storage": storage}})
+        assert spec.run_uri == storage.rstrip("/") + "/run"
+        assert run_dir(json.loads(spec.model_dump_json())) == spec.run_uri
+
+
 def test_every_problem_with_its_path():
     bad = MINIMAL | {"method": "qlora", "strategy": {"kind": "deepspeed", "zero_stage": 3},
                      "batch": {"micro_batch_size": 0}, "lora": {"r": 0, "rank": 8},
