@@ -48,17 +48,13 @@ class ClusterAtLowestPriority:
     service a tenth of the CPU. This lowers the priority of the cluster's processes and of their
     sessions' autogroups as drivers appear, until stopped."""
 
-    # A process not yet seen runs at full priority in an autogroup of its own, and may be on the
-    # service's core: look often (this runs on the clients' core).
-    POLL_S = 0.05
-
     def __init__(self, head: local_ray.LocalRay):
         self.root, self.seen, self.stopped = psutil.Process(head.process.pid), set(), threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while not self.stopped.wait(self.POLL_S):
+        while not self.stopped.wait(0.2):
             with contextlib.suppress(psutil.NoSuchProcess):
                 for process in [self.root, *self.root.children(recursive=True)]:
                     if process.pid not in self.seen:
