@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO := .cache/demo
 
-.PHONY: setup demo demo-jobs test test-unit bench clean
+.PHONY: setup demo demo-jobs test test-unit soak bench clean
 
 setup: $(STAMP)
 
@@ -30,12 +30,17 @@ demo-jobs: $(STAMP)
 	rm -rf $(DEMO)/checkpoints/cpu-smoke  # a fresh run each time (the same name would resume)
 	$(PY) -m jobs.train --spec configs/training/cpu-smoke.yaml
 
+# Unit, integration and deployment tests (pyproject's testpaths): under 15 minutes on 2 cores.
 test: $(STAMP)
 	$(VENV)/bin/ruff check jobs service tests benchmarks
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration and not gpu"
+
+# The 50-job soak against the service on a real local Ray (about 4 minutes, CPU pinning).
+soak: $(STAMP)
+	$(PY) -m pytest -q tests/soak
 
 bench: $(STAMP)
 	$(PY) benchmarks/prepare.py

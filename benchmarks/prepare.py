@@ -7,7 +7,7 @@ data's sentences, then measures:
   1. raw `tokenizer(batch)` tokens/s on one core (TOKENIZERS_PARALLELISM=false), over the texts
      the chat template renders;
   2. `datasets.map(batched=True, num_proc=N)` running the job's own render + tokenize + mask
-     function (`jobs.stages.RenderTokenize`) over the same conversations;
+     function (`jobs.prepare.stages.RenderTokenize`) over the same conversations;
   3. `jobs.prepare` end to end (read, parse, de-duplicate, render, tokenize, mask, pack, write) on
      a local Ray cluster of N CPUs, counted from the call, after the cluster has started.
 It prints tokens/s and the ratios, and the JSON it prints can be pasted into docs/benchmarks.md.
@@ -27,9 +27,11 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from jobs import records, scaffold_model, tokenizer_files  # noqa: E402
-from jobs.spec import load_spec  # noqa: E402
-from jobs.stages import RenderTokenize  # noqa: E402
+from jobs import scaffold_model  # noqa: E402
+from jobs.common import tokenizer_files  # noqa: E402
+from jobs.prepare import records  # noqa: E402
+from jobs.prepare.spec import load_spec  # noqa: E402
+from jobs.prepare.stages import RenderTokenize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = 8
@@ -69,7 +71,7 @@ _STAGE = None
 def _map_fn(batch, spec_json, tok_dir):
     global _STAGE
     if _STAGE is None:  # once per worker process, like the job's actors
-        from jobs.spec import DatasetSpec
+        from jobs.prepare.spec import DatasetSpec
         _STAGE = RenderTokenize(DatasetSpec.model_validate_json(spec_json), tokenizer_files.load(tokenizer_files.fetch(tok_dir)))
     cols = _STAGE.columns(batch["messages"])
     return {"input_ids": cols["input_ids"], "labels": cols["labels"], "reason": cols["reason"]}
@@ -113,16 +115,17 @@ def main() -> int:
     print(f"datasets.map(num_proc={args.cpus}): {map_tokens} tokens in {map_s:.1f}s, {map_tps:,.0f} tokens/s", flush=True)
 
     # 3. jobs.prepare end to end on a local Ray cluster
-    from jobs import prepare, ray_runtime
+    from jobs.common import ray_runtime
+    from jobs.prepare.driver import prepare
 
     ray_runtime.init(num_cpus=args.cpus)
     t0 = time.perf_counter()
-    manifest = prepare.prepare(spec)
+    manifest = prepare(spec)
     prep_s = time.perf_counter() - t0
-    prep_tokens = manifest["tokens"]["all"]
+    prep_tokens = manifest.tokens.all
     prep_tps = prep_tokens / prep_s
     print(f"jobs.prepare end to end: {prep_tokens} tokens in {prep_s:.1f}s, {prep_tps:,.0f} tokens/s "
-          f"(packing efficiency {manifest['packing']['efficiency']:.2%})", flush=True)
+          f"(packing efficiency {manifest.packing.efficiency:.2%})", flush=True)
     if not (raw_tokens == map_tokens == prep_tokens):
         print(f"note: token totals differ (raw {raw_tokens}, map {map_tokens}, prepare {prep_tokens})")
 

@@ -34,10 +34,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jobs import scaffold_model, tokenizer_files  # noqa: E402
-from jobs.packed_batch import collate, micro_batch_loss, trained_tokens  # noqa: E402
-from jobs.train_engines import lr_lambda  # noqa: E402
-from jobs.train_spec import load_training_spec  # noqa: E402
+from jobs import scaffold_model  # noqa: E402
+from jobs.common import tokenizer_files  # noqa: E402
+from jobs.train.engines import lr_lambda  # noqa: E402
+from jobs.train.packed_batch import collate, micro_batch_loss, trained_tokens  # noqa: E402
+from jobs.train.spec import load_training_spec  # noqa: E402
 
 MICRO, ACCUM, REPEAT, LOG_EVERY = 2, 2, 8, 10
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -156,7 +157,7 @@ def gpu_benchmark(steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from jobs.packing import pack_row
+    from jobs.prepare.packing import pack_row
 
     config = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)

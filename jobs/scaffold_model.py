@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from jobs import records
+from jobs.prepare import records
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"

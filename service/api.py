@@ -1,11 +1,10 @@
-"""The REST API, `/v1`: thin routes over `Control`. Every job belongs to the caller's tenant;
-another tenant's job is a 404, never a 403 (its existence is not disclosed)."""
+"""The REST API, `/v1`: routes that translate HTTP to `Control` calls and back; whatever reads
+the database, storage or Ray is Control's. Every job belongs to the caller's tenant; another
+tenant's job is a 404, never a 403 (its existence is not disclosed)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import posixpath
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,9 +12,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from jobs import storage
-from jobs.spec import SpecError
-from service import progress as progress_files
+from jobs.common.spec import SpecError
 from service.control import Conflict, NotFound, TooManyJobs
 from service.deps import ControlDep, IdempotencyKey, SpecBody, TenantDep
 from service.ray_jobs import RayUnavailable, UnknownToRay
@@ -162,53 +159,30 @@ def cancel_job(control: ControlDep, tenant: TenantDep, job_id: str) -> JobOut:
     return job_out(job, control.children(job))
 
 
-def _ray_job(control, job: Job) -> Job:
-    """The job whose Ray logs/metrics stand for `job`: a pipeline's latest child."""
-    if job.kind is not Kind.PIPELINE:
-        return job
-    children = control.children(job)
-    if not children:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "the pipeline has not started a job yet")
-    return children[-1]
-
-
 @router.get("/jobs/{job_id}/metrics", operation_id="jobMetrics")
 def job_metrics(control: ControlDep, tenant: TenantDep, job_id: str) -> list[dict[str, Any]]:
     """The metrics history of a training (or a pipeline's training), one entry per logging step."""
-    job = _ray_job(control, _job(control, tenant, job_id))
-    if job.kind is not Kind.TRAINING:
-        return []
-    uri = posixpath.join(progress_files.run_dir(job.spec), "metrics.jsonl")
-    fs, path = storage.filesystem(uri)
+    job = _job(control, tenant, job_id)
     try:
-        text = storage.read_bytes(fs, path).decode()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return control.metrics_history(job)
+    except NotFound as e:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
 
 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse, operation_id="jobLogs",
             responses={200: {"content": {"text/plain": {}}}})
 async def job_logs(control: ControlDep, tenant: TenantDep, job_id: str, tail: int = Query(1000, ge=1, le=100_000),
                    follow: bool = False):
-    job = _ray_job(control, _job(control, tenant, job_id))
-    if not job.submitted:
-        return PlainTextResponse("")
-    if follow:
-        async def stream():
-            try:
-                async for chunk in control.ray.follow(job.submission_id):
-                    yield chunk
-            except RayUnavailable as e:
-                yield f"\n[raysft] log stream ended: {e}\n"
-        return StreamingResponse(stream(), media_type="text/plain")
+    job = _job(control, tenant, job_id)
     try:
-        text = await asyncio.to_thread(control.ray.logs, job.submission_id)
-    except (UnknownToRay, RayUnavailable) as e:
-        # Ray lost the job (a head restart) or is down: the copy the reconcile loop kept.
-        text = await asyncio.to_thread(control.saved_log, job)
-        if text is None and isinstance(e, UnknownToRay):
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "Ray no longer has this job's logs") from None
-        if text is None:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Ray unreachable: {e}") from None
+        if follow:
+            control.ray_job(job)  # a pipeline that has not started a job is a 404 before the stream opens
+            return StreamingResponse(control.follow_log(job), media_type="text/plain")
+        text = await asyncio.to_thread(control.log_text, job)
+    except NotFound as e:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
+    except UnknownToRay:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "Ray no longer has this job's logs") from None
+    except RayUnavailable as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Ray unreachable: {e}") from None
     return PlainTextResponse("\n".join(text.splitlines()[-tail:]))

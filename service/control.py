@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any
@@ -23,10 +24,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs import storage
-from jobs.spec import SpecError
-from jobs.train_spec import TrainingSpec
-from service import progress, specs, store
+from jobs.common import storage
+from jobs.common.spec import SpecError
+from jobs.train.spec import TrainingSpec
+from service import job_outputs, specs, store
 from service.ray_jobs import RayJobs, RayUnavailable, UnknownToRay
 from service.settings import Settings
 from service.store import Job, Kind, Status, new_id, now
@@ -305,7 +306,7 @@ class Control:
             if ray_job.status is Status.RUNNING and job.started_at is None:
                 job.started_at = now()
             if ray_job.status is not Status.QUEUED:
-                job.progress = progress.read(job.kind.value, job.spec)
+                job.progress = job_outputs.read(job.kind.value, job.spec)
                 self._copy_log(job, last=ray_job.status.is_terminal)
             if (waited := self._waiting_s(job, ray_job.status)) > self.settings.start_deadline_s:
                 with contextlib.suppress(UnknownToRay):
@@ -352,6 +353,44 @@ class Control:
         except FileNotFoundError:
             return None
 
+    def ray_job(self, job: Job) -> Job:
+        """The job whose Ray job stands for `job` (its logs, its metrics): a pipeline's latest child."""
+        if job.kind is not Kind.PIPELINE:
+            return job
+        children = self.children(job)
+        if not children:
+            raise NotFound("the pipeline has not started a job yet")
+        return children[-1]
+
+    def metrics_history(self, job: Job) -> list[dict[str, Any]]:
+        """A training's metrics history, read from its run directory; empty for a dataset job."""
+        job = self.ray_job(job)
+        return job_outputs.metrics_history(job.spec) if job.kind is Kind.TRAINING else []
+
+    def log_text(self, job: Job) -> str:
+        """The job's Ray log; once Ray lost it (a head restart) or is down, the copy kept beside
+        the outputs. Raises UnknownToRay or RayUnavailable when there is neither."""
+        job = self.ray_job(job)
+        if not job.submitted:
+            return ""
+        try:
+            return self.ray.logs(job.submission_id)
+        except (UnknownToRay, RayUnavailable):
+            if (text := self.saved_log(job)) is None:
+                raise
+            return text
+
+    async def follow_log(self, job: Job) -> AsyncIterator[str]:
+        """The Ray log as it grows, until the job ends or Ray goes away (said in the stream)."""
+        job = self.ray_job(job)
+        if not job.submitted:
+            return
+        try:
+            async for chunk in self.ray.follow(job.submission_id):
+                yield chunk
+        except RayUnavailable as e:
+            yield f"\n[raysft] log stream ended: {e}\n"
+
     def _ray_down(self, error: Exception) -> None:
         """Ray unreachable: jobs keep their status for a while (a restart is short), then are LOST."""
         self.ray_down_since = self.ray_down_since or time.monotonic()
@@ -385,7 +424,7 @@ class Control:
                 pipeline.finish(failed.status, f"{failed.kind.value} job {failed.id} {failed.status.value}: {failed.error}")
             elif training is not None and training.status is Status.SUCCEEDED:
                 pipeline.finish(Status.SUCCEEDED)
-            pipeline.progress = progress.pipeline(dataset.progress or {}, training.progress if training else None)
+            pipeline.progress = job_outputs.pipeline(dataset.progress or {}, training.progress if training else None)
             try:
                 session.commit()
             except IntegrityError:  # another replica's pass created the training first, and submits it

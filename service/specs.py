@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from jobs.spec import DatasetSpec, SpecError, validate
-from jobs.train_spec import TrainingSpec
+from jobs.common.spec import SpecError, validate
+from jobs.prepare.spec import DatasetSpec
+from jobs.train.spec import TrainingSpec
 from service.uris import UriPolicy
 
 JOB_REF = "job:"  # a training dataset named by the id of the dataset job that prepared it
@@ -62,8 +63,8 @@ def training_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: 
     except SpecError as e:
         raise SpecError(problems + e.problems) from None
     checkpoint_spec = spec.checkpoint.model_copy(update={"storage": policy.resolve(spec.checkpoint.storage)})
-    if spec.checkpoint.resume not in ("latest", "none"):
-        checkpoint_spec = checkpoint_spec.model_copy(update={"resume": policy.resolve(spec.checkpoint.resume)})
+    if spec.checkpoint.resume_uri is not None:
+        checkpoint_spec = checkpoint_spec.model_copy(update={"resume": policy.resolve(spec.checkpoint.resume_uri)})
     spec = spec.model_copy(update={
         "model": spec.model.model_copy(update={"uri": policy.resolve(spec.model.uri)}),
         "datasets": [d.model_copy(update={"uri": policy.resolve(d.uri)}) for d in spec.datasets],
@@ -74,7 +75,7 @@ def training_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: 
         problems.append(f"model.uri: {p}")
     if p := policy.check(spec.checkpoint.storage, tenant, write=True):
         problems.append(f"checkpoint.storage: {p}")
-    if spec.checkpoint.resume not in ("latest", "none") and (p := policy.check(spec.checkpoint.resume, tenant, write=False)):
+    if spec.checkpoint.resume_uri is not None and (p := policy.check(spec.checkpoint.resume_uri, tenant, write=False)):
         problems.append(f"checkpoint.resume: {p}")
     if spec.model.trust_remote_code and spec.model.uri not in trusted_models:
         problems.append("model.trust_remote_code: this model is not on the operator's allowlist "

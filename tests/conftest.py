@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO
 
-from jobs import scaffold_model, tokenizer_files
-
-REPO = Path(__file__).resolve().parents[1]
+from jobs import scaffold_model
+from jobs.common import tokenizer_files
 
 # The interpreter's own tools first, as in an activated virtualenv, for every process the tests
 # start (Ray jobs get the same from service.local_ray). DeepSpeed JIT-builds its CPU comm op with
@@ -93,7 +93,7 @@ def s3_server(monkeypatch):
 @pytest.fixture(scope="session")
 def prepared(tiny_model, example_spec, tmp_path_factory) -> Path:
     """The demo spec's datasets, prepared by a real `jobs.prepare` run for the scaffold model."""
-    from training_runs import run
+    from support.jobs import run
 
     out = tmp_path_factory.mktemp("prepared") / "demo"
     run("jobs.prepare", example_spec("demo", out))

@@ -1,0 +1,123 @@
+"""What every spec model shares: the base model, the field types whose rules hold in both specs,
+and loading a spec document with every problem reported at once.
+
+Unknown keys are errors (``extra="forbid"``) so a typo never turns into a silently ignored
+option; each problem names its field path.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+REMOTE_SCHEMES = ("s3://", "gs://")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; ``problems`` holds one ``path: message`` line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid spec:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: unknown keys are errors, defaults are validated too."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+
+
+_M = TypeVar("_M", bound=SpecModel)
+
+
+def check_uri(uri: str) -> str:
+    """A local path, s3:// or gs://: the only places jobs read and write."""
+    if not uri.strip():
+        raise ValueError("must not be empty")
+    if "://" in uri and not uri.startswith(REMOTE_SCHEMES):
+        raise ValueError(f"unsupported URI {uri!r}: use a local path, s3://bucket/key or gs://bucket/key")
+    return uri
+
+
+# A location a job reads or writes.
+Uri = Annotated[str, Field(min_length=1), AfterValidator(check_uri)]
+# A dataset or run name: it becomes a directory name, so no separators and no leading dot.
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+def format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<spec>"
+        msg = e["msg"].removeprefix("Value error, ")
+        problems.append(f"{path}: {msg}")
+    return problems
+
+
+def parse_spec_text(text: str, source: str = "<inline>") -> dict[str, Any]:
+    """YAML (a superset of JSON) safe-loaded into a mapping."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError([f"{source}: not valid YAML/JSON: {e}"]) from e
+    if not isinstance(data, dict):
+        raise SpecError([f"{source}: the spec must be a mapping of fields, got {type(data).__name__}"])
+    return data
+
+
+def read_document(spec: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A spec document from a mapping, a file path or s3:// / gs:// URI, or an inline JSON/YAML string."""
+    if isinstance(spec, dict):
+        return spec
+    text = str(spec)
+    if text.lstrip().startswith("{"):
+        return parse_spec_text(text)
+    if text.startswith(REMOTE_SCHEMES):  # how the control plane hands specs to jobs on a cluster
+        from jobs.common import storage
+
+        fs, path = storage.filesystem(text)
+        return parse_spec_text(storage.read_bytes(fs, path).decode(), text)
+    path = Path(text)
+    if path.is_file():
+        return parse_spec_text(path.read_text(), str(path))
+    raise SpecError([f"<spec>: {text!r} is neither a readable file nor inline JSON"])
+
+
+def validate(model: type[_M], data: dict[str, Any]) -> _M:
+    """Validate a document against a spec model; every problem is reported at once."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_errors(e)) from None
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and issubclass(annotation, StrEnum):
+        return " \\| ".join(m.value for m in annotation)
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return re.sub(r"\b(?:[\w]+\.)+(\w+)", r"\1", str(annotation)).replace("|", "\\|")
+
+
+def reference_markdown(models: tuple[type[SpecModel], ...]) -> str:
+    """The field reference of spec models, generated from the models (the docs' spec references)."""
+    out = []
+    for model in models:
+        out += [f"### `{model.__name__}`", "", (model.__doc__ or "").strip(), "",
+                "| field | type | default | description |", "|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            kind = _type_name(field.annotation)
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                default = f"`{field.default_factory.__name__}()`"
+            else:
+                default = f"`{getattr(field.default, 'value', field.default)}`"
+            out.append(f"| `{name}` | `{kind}` | {default} | {(field.description or '').replace('|', chr(92) + '|')} |")
+        out.append("")
+    return "\n".join(out)

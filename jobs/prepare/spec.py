@@ -1,0 +1,192 @@
+"""The dataset spec: the contract of `jobs.prepare`, shared with the REST API and the CLI.
+
+Every field is documented; ``load_spec`` accepts a YAML/JSON file or an inline JSON string and
+reports every problem at once, each with its field path (the rules every spec shares are in
+`jobs.common.spec`). ``python -m jobs.prepare.spec`` prints the field reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from jobs.common.spec import Name, SpecModel, Uri, read_document, reference_markdown, validate
+
+
+class SourceFormat(StrEnum):
+    """How the rows of a source are laid out."""
+
+    AUTO = "auto"  # detected per row from its keys
+    ALPACA = "alpaca"  # instruction / input / output (/ system)
+    SHAREGPT = "sharegpt"  # conversations: [{from: human|gpt|system, value}]
+    MESSAGES = "messages"  # OpenAI chat: messages: [{role, content}]
+    QA = "qa"  # question / answer (/ source)
+    PROMPT_RESPONSE = "prompt_response"  # any two keys named in `fields`
+    TEXT = "text"  # plain text, trained on every token
+
+
+class TemplateName(StrEnum):
+    """Built-in chat templates; `tokenizer` uses the tokenizer's own `chat_template`."""
+
+    CHATML = "chatml"
+    ALPACA = "alpaca"
+    INSTRUCT = "instruct"
+    CHAT = "chat"
+    TOKENIZER = "tokenizer"
+
+
+class Truncation(StrEnum):
+    DROP = "drop"  # rows longer than max_seq_length are rejected as `too_long`
+    TRUNCATE = "truncate"  # cut at max_seq_length; rejected if no trainable token survives
+
+
+class TrainOn(StrEnum):
+    ASSISTANT = "assistant"  # every assistant turn, each with its end-of-turn token
+    LAST_ASSISTANT = "last_assistant"  # only the final assistant turn
+    ALL = "all"  # every token of the rendered conversation
+
+
+class Packing(StrEnum):
+    NONE = "none"  # one conversation per row
+    BFD = "bfd"  # best-fit-decreasing over the whole split into rows of max_seq_length
+
+
+class Dedup(StrEnum):
+    NONE = "none"
+    EXACT = "exact"  # hash of the normalised conversation (case and whitespace folded)
+
+
+class FieldMap(SpecModel):
+    """Renames: the key in your rows that holds each canonical field. Unset means the format's default."""
+
+    prompt: str | None = Field(None, description="User prompt (alpaca `instruction`, qa `question`).")
+    input: str | None = Field(None, description="Extra context appended to the prompt (alpaca `input`).")
+    response: str | None = Field(None, description="Assistant reply (alpaca `output`, qa `answer`).")
+    system: str | None = Field(None, description="System prompt.")
+    messages: str | None = Field(
+        None, description="List of turns (sharegpt `conversations`, messages `messages`)."
+    )
+    text: str | None = Field(None, description="Plain text for the `text` format.")
+
+
+class Source(SpecModel):
+    """One input: every row of every file it names becomes one conversation (or one reject)."""
+
+    uri: Uri = Field(description="Local path or glob, s3://bucket/key (or prefix/glob), gs://bucket/key.")
+    format: SourceFormat = Field(SourceFormat.AUTO, description="Row layout; `auto` detects it per row.")
+    fields: FieldMap = Field(default_factory=FieldMap, description="Optional key renames.")
+    weight: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Sampling factor: 2.0 emits each accepted row twice, 0.5 keeps a "
+        "deterministic half (the rest are counted as `downsampled`).",
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="Read at most this many rows from the source (in file order)."
+    )
+
+    @model_validator(mode="after")
+    def _prompt_response_needs_fields(self) -> Source:
+        if self.format is SourceFormat.PROMPT_RESPONSE and not (
+            self.fields.prompt and self.fields.response
+        ):
+            raise ValueError(
+                "format prompt_response needs fields.prompt and fields.response "
+                "(e.g. fields: {prompt: query, response: reply})"
+            )
+        return self
+
+
+class Filters(SpecModel):
+    """Row filters; a row that fails one is rejected with the filter's name as its reason."""
+
+    min_prompt_chars: int = Field(0, ge=0, description="Minimum characters of user+system text.")
+    max_prompt_chars: int | None = Field(None, ge=1, description="Maximum characters of user+system text.")
+    min_response_chars: int = Field(0, ge=0, description="Minimum characters of assistant text.")
+    max_response_chars: int | None = Field(None, ge=1, description="Maximum characters of assistant text.")
+    drop_urls: bool = Field(False, description="Reject rows containing http(s):// or www. links.")
+    drop_code_blocks: bool = Field(False, description="Reject rows containing ``` fenced code.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Filters:
+        problems = []
+        if self.max_prompt_chars is not None and self.max_prompt_chars < self.min_prompt_chars:
+            problems.append("max_prompt_chars must be >= min_prompt_chars")
+        if self.max_response_chars is not None and self.max_response_chars < self.min_response_chars:
+            problems.append("max_response_chars must be >= min_response_chars")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class DatasetSpec(SpecModel):
+    """What `jobs.prepare` reads, how it renders and tokenizes it, and where it writes."""
+
+    name: Name = Field(description="Dataset name: letters, digits, `.`, `_`, `-`.")
+    sources: list[Source] = Field(min_length=1, description="One or more inputs.")
+    tokenizer: Uri = Field(description="HF tokenizer directory (local path or s3://).")
+    template: TemplateName | str = Field(
+        TemplateName.CHATML,
+        description="chatml | alpaca | instruct | chat | tokenizer (its own chat_template) "
+        "| a custom Jinja chat template string.",
+    )
+    eot_token: str | None = Field(
+        None,
+        description="End-of-turn text closing each assistant reply, trained with it. "
+        "Built-in templates know theirs; for `tokenizer`/custom templates it defaults to the "
+        "tokenizer's eos_token.",
+    )
+    max_seq_length: int = Field(1024, ge=16, le=1_048_576, description="Tokens per sample and per packed row.")
+    truncation: Truncation = Field(Truncation.DROP, description="What to do with over-long rows.")
+    train_on: TrainOn = Field(TrainOn.ASSISTANT, description="Which tokens carry loss.")
+    packing: Packing = Field(Packing.BFD, description="How samples are laid into rows.")
+    filters: Filters = Field(default_factory=Filters, description="Row filters.")
+    dedup: Dedup = Field(Dedup.EXACT, description="De-duplication mode.")
+    val_ratio: float = Field(0.05, ge=0, lt=1, description="Share of conversations in `val/` (hash-based).")
+    seed: int = Field(42, description="Seed of the split and of fractional sampling weights.")
+    max_reject_ratio: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Fail if invalid rows / rows read exceeds this (duplicates and downsampling "
+        "are not counted as invalid).",
+    )
+    output: Uri = Field(description="Output directory (local path or s3://).")
+
+    @field_validator("template", mode="before")
+    @classmethod
+    def _template(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        if v in {t.value for t in TemplateName}:
+            return TemplateName(v)  # a plain str would win the union otherwise
+        if "{{" not in v and "{%" not in v:
+            names = " | ".join(t.value for t in TemplateName)
+            raise ValueError(f"unknown template {v!r}: use one of {names}, or a Jinja string")
+        return v
+
+    @property
+    def template_is_custom(self) -> bool:
+        return not isinstance(self.template, TemplateName)
+
+    def spec_hash(self) -> str:
+        """SHA-256 of the canonical JSON form: equal specs hash equal whatever their file layout."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_spec(spec: str | Path | dict[str, Any]) -> DatasetSpec:
+    """The dataset spec from a mapping, a file path, or an inline JSON/YAML string."""
+    return validate(DatasetSpec, read_document(spec))
+
+
+REFERENCE_MODELS = (DatasetSpec, Source, FieldMap, Filters)
+
+if __name__ == "__main__":
+    print(reference_markdown(REFERENCE_MODELS))

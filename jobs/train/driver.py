@@ -1,0 +1,147 @@
+"""The driver of `jobs.train`: check, build the Ray Train `TorchTrainer`, run it.
+
+Before any worker starts, the spec is checked against this cluster and the datasets against the
+model (`preflight`). The datasets become Ray Datasets mixed by weight; the workers run
+`jobs.train.loop.train_loop`, which checkpoints under the run directory (`jobs.common.run_layout`)
+and, at the end, exports the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.parquet as pq
+import ray
+
+from jobs.common import ray_runtime, storage, tokenizer_files
+from jobs.common.contract import SPLITS, Manifest
+from jobs.train.loop import train_loop
+from jobs.train.plan import plan, planned_train_rows, total_steps
+from jobs.train.preflight import preflight
+from jobs.train.spec import TrainingSpec
+
+log = logging.getLogger("raysft.train")
+
+
+# Splits up to this size (as Arrow arrays, all datasets together) are read once by the driver
+# and held in the object store. Streamed from storage, every epoch and every evaluation would
+# start read tasks again: seconds each, for data that fits in memory many times over.
+IN_MEMORY_MAX_BYTES = 256 << 20
+
+
+def datasets(spec: TrainingSpec, manifests: list[Manifest],
+             in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES) -> dict[str, Any]:
+    """Ray Datasets of the train and val splits, datasets mixed by weight: each whole unit of
+    weight repeats every row, the fraction adds a seeded Bernoulli sample. A small split is
+    materialized: epochs then split blocks already in the object store."""
+    splits: dict[str, list] = {split: [] for split in SPLITS}
+    in_memory = {split: sum(m.split_bytes(split) for m in manifests) <= in_memory_max_bytes for split in splits}
+    for ref, manifest in zip(spec.datasets, manifests, strict=True):
+        fs, base = storage.filesystem(ref.uri)
+        for split in splits:
+            if manifest.rows(split) == 0:
+                continue
+            if in_memory[split]:
+                ds = ray.data.from_arrow(pq.read_table(f"{base}/{split}", filesystem=fs))
+            else:
+                ds = ray.data.read_parquet(f"{base}/{split}", filesystem=fs)
+            whole, frac = int(ref.weight), ref.weight - int(ref.weight)
+            splits[split].extend([ds] * whole + ([ds.random_sample(frac, seed=spec.seed)] if frac else []))
+    # The same rows in the same order on every run, here as in the workers' ingest.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    mixed = {}
+    for name, parts in splits.items():
+        if parts:
+            ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+            mixed[name] = ds.materialize() if in_memory[name] else ds
+            log.info("train: %s split %s", name, "held in memory" if in_memory[name] else "streamed from storage")
+    return mixed
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What the driver works out once and hands to every worker."""
+
+    chat_template: str | None  # None: the tokenizer's own
+    stop_ids: list[int]  # end of turn, then eos
+    pad_id: int
+
+
+def run_inputs(spec: TrainingSpec, manifests: list[Manifest]) -> RunInputs:
+    tokenizer = tokenizer_files.load(tokenizer_files.fetch(spec.model.uri))
+    # The model is served with the first dataset's chat template (the others' text differs only
+    # if they were prepared with other templates, which the note in docs/training-spec.md covers).
+    first = manifests[0]
+    eot_id = tokenizer.convert_tokens_to_ids(first.template.eot)
+    stops = list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if i is not None))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return RunInputs(first.template.chat_template, stops, pad)
+
+
+def build_trainer(spec: TrainingSpec, manifests: list[Manifest], inputs: RunInputs,
+                  in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    data = datasets(spec, manifests, in_memory_max_bytes)
+    steps = total_steps(spec, planned_train_rows(spec, manifests))
+    fs, path = storage.filesystem(spec.checkpoint.storage)
+    resources = {"CPU": spec.scaling.cpus_per_worker} | ({"GPU": spec.scaling.gpus_per_worker} if spec.scaling.use_gpu else {})
+    # The same batches in the same order on every run: what makes a resumed run exact.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    has_val = "val" in data
+    log.info("train: %d steps, %d workers, run %s", steps, spec.scaling.num_workers, spec.run_uri)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.model_dump_json(), "total_steps": steps, "pad_id": inputs.pad_id,
+                           "chat_template": inputs.chat_template, "stop_ids": inputs.stop_ids,
+                           "run_uri": spec.run_uri, "has_val": has_val},
+        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        datasets=data,
+        dataset_config=DataConfig(execution_options=ingest),
+        run_config=RunConfig(
+            name=spec.name, storage_path=path, storage_filesystem=fs,
+            # Keep the best by eval loss; Ray Train always keeps the latest as well.
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep,
+                                               checkpoint_score_attribute="eval_loss" if has_val else None,
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=spec.max_failures)),
+    )
+
+
+def train(spec: TrainingSpec, num_cpus: int | None = None, in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES):
+    """Check, then run the trainer to the end (its workers export the result); returns Ray Train's Result."""
+    # A local cluster needs CPUs beyond the workers' own: Ray Data's read tasks feed them, and
+    # with none left over the workers wait for data forever.
+    workers_cpus = math.ceil(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
+    ray_runtime.init(num_cpus or max(os.cpu_count() or 1, workers_cpus + 2))
+    spec, manifests = preflight(spec, ray.cluster_resources().get("GPU", 0))
+    inputs = run_inputs(spec, manifests)
+    return build_trainer(spec, manifests, inputs, in_memory_max_bytes).fit()
+
+
+def dry_run(spec: TrainingSpec) -> dict[str, Any]:
+    import torch
+    from transformers import AutoConfig
+
+    # No cluster is started for a plan: the GPUs are this machine's, or the cluster's with RAY_ADDRESS.
+    if os.environ.get("RAY_ADDRESS"):
+        ray_runtime.init()
+        gpus = ray.cluster_resources().get("GPU", 0)
+    else:
+        gpus = torch.cuda.device_count()
+    spec, manifests = preflight(spec, gpus)
+    run_inputs(spec, manifests)  # the tokenizer loads and knows the end-of-turn token
+    with tempfile.TemporaryDirectory(prefix="raysft-plan-") as tmp:
+        storage.materialize_files(storage.read_dir_files(spec.model.uri, {"config.json"}), tmp)
+        config = AutoConfig.from_pretrained(tmp, trust_remote_code=spec.model.trust_remote_code)
+    return plan(spec, config, manifests, total_steps(spec, planned_train_rows(spec, manifests)))
+
+

@@ -1,0 +1,183 @@
+"""The two ways a worker steps its model: DeepSpeed ZeRO (stage 0-3) or plain DDP.
+
+Both expose the same verbs to the training loop: `forward`, `backward(loss, boundary)`,
+`gathered(param)`, `save(dir)` and `load(dir)`, and say whether parameters are `sharded` across
+ranks. Accumulation is the loop's business: it hands in losses already normalised over the
+step's trainable tokens, so neither engine rescales them.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.train.spec import DeepSpeedStrategy, DType, Scheduler, TrainingSpec
+
+STATE_TAG = "state"
+
+
+def lr_lambda(spec: TrainingSpec, total_steps: int):
+    warmup = int(spec.optim.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if spec.optim.scheduler is Scheduler.CONSTANT:
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if spec.optim.scheduler is Scheduler.LINEAR:
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _optimizer(spec: TrainingSpec, model: torch.nn.Module, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.optim.lr, weight_decay=spec.optim.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+
+
+def deepspeed_checkpoint_types() -> list[type]:
+    """DeepSpeed's own classes inside its checkpoints; the rest is tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_without_code(path: str, map_location=None):
+    """Load a DeepSpeed checkpoint file with `weights_only=True`. DeepSpeed's loader unpickles
+    anything, and a resume URI can point at any checkpoint its tenant could write: a crafted file
+    must fail to load, not run code on the cluster."""
+    with torch.serialization.safe_globals(deepspeed_checkpoint_types()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class DeepSpeedEngine:
+    def __init__(self, spec: TrainingSpec, model: torch.nn.Module, total_steps: int):
+        import deepspeed
+
+        strategy = spec.strategy
+        assert isinstance(strategy, DeepSpeedStrategy)
+        zero: dict[str, Any] = {"stage": strategy.zero_stage}
+        if strategy.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if strategy.offload_params:
+            zero["offload_param"] = {"device": "cpu"}
+        config = {
+            "train_micro_batch_size_per_gpu": spec.batch.micro_batch_size,
+            "gradient_accumulation_steps": spec.batch.grad_accum,
+            "gradient_clipping": spec.optim.max_grad_norm,
+            "zero_optimization": zero,
+            "bf16": {"enabled": spec.model.dtype is DType.BF16},
+            "fp16": {"enabled": spec.model.dtype is DType.FP16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        optimizer, scheduler = _optimizer(spec, model, total_steps)
+        self.sharded = strategy.zero_stage == 3
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=config)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def forward(self, **inputs):
+        return self.engine(**inputs)
+
+    def gathered(self, param: torch.nn.Parameter):
+        """ZeRO-3 holds a shard of each parameter: gather the whole of it (every rank takes part)."""
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param]) if self.sharded else nullcontext()
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> float | None:
+        # The loss is already a share of the step mean: no 1/grad_accum scaling on top.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # DeepSpeed applies the optimizer only at its accumulation boundary
+        if boundary:
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else None
+        return None
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def save(self, directory: Path) -> bool:
+        """Every rank writes its shards; returns True: every rank reports its files."""
+        self.engine.save_checkpoint(str(directory), tag=STATE_TAG)
+        return True
+
+    def load(self, directory: Path) -> None:
+        self.engine.checkpoint_engine.load = load_without_code
+        self.engine.load_checkpoint(str(directory), tag=STATE_TAG)
+
+
+class DdpEngine:
+    def __init__(self, spec: TrainingSpec, model: torch.nn.Module, total_steps: int):
+        import ray.train.torch
+
+        self.spec = spec
+        self.sharded = False
+        self.model = ray.train.torch.prepare_model(model)
+        self.optimizer, self.scheduler = _optimizer(spec, model, total_steps)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return getattr(self.model, "module", self.model)
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    def gathered(self, param: torch.nn.Parameter):
+        return nullcontext()  # every replica holds every parameter
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> float | None:
+        loss.backward()
+        if not boundary:
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.module.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.module.state_dict().items() if k in names}
+
+    def save(self, directory: Path) -> bool:
+        """Rank 0 holds everything (DDP replicas are identical); returns whether this rank wrote."""
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() != 0:
+            return False
+        torch.save({"model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict()}, directory / "ddp_state.pt")
+        return True
+
+    def load(self, directory: Path) -> None:
+        # Our own file, written by save() above: plain tensors and dicts, so weights_only holds.
+        state = torch.load(directory / "ddp_state.pt", weights_only=True)
+        missing = set(self._trainable_state()) - set(state["model"])
+        if missing:
+            raise RuntimeError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        self.module.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def make_engine(spec: TrainingSpec, model: torch.nn.Module, total_steps: int) -> DeepSpeedEngine | DdpEngine:
+    if isinstance(spec.strategy, DeepSpeedStrategy):
+        return DeepSpeedEngine(spec, model, total_steps)
+    return DdpEngine(spec, model, total_steps)

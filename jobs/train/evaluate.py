@@ -1,0 +1,60 @@
+"""Evaluation inside the training loop: validation loss, perplexity, token accuracy, and answers
+to the spec's prompts, rendered with the chat template the model is trained (and served) with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs.common.contract import IGNORE_INDEX
+from jobs.train.packed_batch import model_inputs, token_loss_sum
+from jobs.train.spec import TrainingSpec
+
+
+def evaluate(engine, batches, reduce_sum) -> dict[str, float]:
+    """Token-weighted loss, perplexity and next-token accuracy over this worker's collated
+    validation batches, summed over workers by `reduce_sum`."""
+    engine.module.eval()
+    loss_sum = correct = count = 0.0
+    with torch.no_grad():
+        for b in batches:
+            logits = engine.forward(**model_inputs(b)).logits
+            s, n = token_loss_sum(logits, b["labels"])
+            trained = b["labels"][:, 1:] != IGNORE_INDEX
+            correct += float((logits[:, :-1].argmax(-1)[trained] == b["labels"][:, 1:][trained]).sum())
+            loss_sum, count = loss_sum + float(s), count + n
+    engine.module.train()
+    loss_sum, correct, count = (reduce_sum(x) for x in (loss_sum, correct, count))
+    if count == 0:
+        return {}
+    eval_loss = loss_sum / count
+    return {"eval_loss": eval_loss, "perplexity": float(np.exp(min(eval_loss, 50))), "token_accuracy": correct / count}
+
+
+def generate_answers(engine, tokenizer: Any, spec: TrainingSpec, stop_ids: list[int], seed: int,
+                     rank: int) -> list[dict[str, str]]:
+    """Answers to `eval.prompts`, sampled with a seed of their own so they are reproducible and the
+    training random streams stay untouched. Sharded (ZeRO-3) parameters need every rank in each
+    forward pass, so then all ranks generate in step (`synced_gpus`); otherwise rank 0 alone."""
+    if not spec.eval.prompts or (rank != 0 and not engine.sharded):
+        return []
+    module, ev = engine.module, spec.eval
+    device = next(module.parameters()).device
+    module.eval()
+    answers = []
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for prompt in ev.prompts:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+            sampling = {"do_sample": True, "temperature": ev.temperature, "top_p": ev.top_p} if ev.temperature > 0 else {"do_sample": False}
+            out = module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=ev.max_new_tokens,
+                                  eos_token_id=stop_ids, pad_token_id=stop_ids[0], synced_gpus=engine.sharded,
+                                  **sampling)
+            answers.append({"prompt": prompt, "answer": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)})
+    module.train()
+    return answers

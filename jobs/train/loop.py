@@ -1,0 +1,316 @@
+"""The per-worker training loop, top to bottom: setup, train, cleanup.
+
+Runs inside Ray Train workers (`jobs.train` builds the TorchTrainer). Each optimizer step takes
+`grad_accum` micro-batches of packed rows from this worker's shard, counts the trainable tokens
+of the whole step across all workers, and back-propagates each micro-batch's share of the step's
+token mean. Every `log_every_steps` steps the metrics of the steps since then go to the job log and
+the run's metrics.jsonl; evaluations and checkpoints also go to `ray.train.report` (Ray Train takes
+one report at a time from each worker and polls every 2 s, so reporting every short step would
+stall training). At the end rank 0 exports the final checkpoint (`jobs.train.export`).
+
+Resuming is exact: a checkpoint records the step, the epoch, how many micro-batches of the epoch
+were consumed (the data cursor) and every rank's RNG state; the data order is deterministic
+(`jobs.train` asks Ray Data to preserve it), so a resumed run sees the same batches in the same
+order with the same random streams as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from jobs.common import run_layout, storage, tokenizer_files
+from jobs.common.contract import TOKEN_COLUMNS
+from jobs.train.checkpoint import Position, restore, write_checkpoint
+from jobs.train.engines import make_engine
+from jobs.train.evaluate import evaluate, generate_answers
+from jobs.train.export import export
+from jobs.train.metrics_log import MetricsLog
+from jobs.train.packed_batch import collate, micro_batch_loss, trained_tokens
+from jobs.train.spec import Attention, Method, TrainingSpec, torch_dtype
+
+# ---------------------------------------------------------------- setup
+
+
+def load_model(spec: TrainingSpec, model_dir: str) -> torch.nn.Module:
+    """The base model (safetensors only: pickled weights are never loaded), 4-bit NF4 for QLoRA,
+    with a LoRA adapter unless the method is full."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(spec.model.dtype)
+    quantized = {}
+    if spec.method is Method.QLORA:
+        from transformers import BitsAndBytesConfig
+
+        # 4-bit weights are placed as they load, on this worker's GPU (Ray Train sets it current).
+        quantized = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+                     "device_map": {"": torch.cuda.current_device()}}
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation=spec.model.attn_implementation.value,
+        use_safetensors=True, trust_remote_code=spec.model.trust_remote_code, **quantized)
+    if spec.method is Method.QLORA:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+    elif spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if spec.method is Method.FULL:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = spec.lora
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+
+def local_model_dir(uri: str, scratch: Path) -> str:
+    if not storage.is_remote(uri):
+        return uri
+    return str(storage.materialize_files(storage.read_dir_files(uri), scratch / "model"))
+
+
+def load_tokenizer(model_dir: str, chat_template: str | None) -> Any:
+    """The model's tokenizer, carrying the chat template its training data was rendered with."""
+    tokenizer = tokenizer_files.load(tokenizer_files.fetch(model_dir))
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def resume_checkpoint(spec: TrainingSpec):
+    """The run's own latest registered checkpoint comes first: after a worker-group restart, or when
+    a run of the same name is submitted again. A new run starts from the checkpoint URI in
+    `checkpoint.resume`, or from the base model (`latest`, `none`)."""
+    import ray.train
+
+    if (own := ray.train.get_checkpoint()) is not None or spec.checkpoint.resume_uri is None:
+        return own
+    fs, path = storage.filesystem(spec.checkpoint.resume_uri)
+    return ray.train.Checkpoint(path=path, filesystem=fs)
+
+
+@contextlib.contextmanager
+def checkpoint_directory(checkpoint) -> Iterator[Path]:
+    """A checkpoint as a local directory, downloaded once per node. Ray's `as_directory` lets a
+    second rank start the same download again while the first reads the files, which then reads
+    them half written; here local rank 0 downloads, and every rank waits for it."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+    import ray.train
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    local = Path(tempfile.gettempdir()) / f"raysft-resume-{hashlib.sha256(checkpoint.path.encode()).hexdigest()[:16]}"
+    leader = ray.train.get_context().get_local_rank() == 0
+    if leader:
+        shutil.rmtree(local, ignore_errors=True)
+        checkpoint.to_directory(str(local))
+    dist.barrier()
+    try:
+        yield local
+    finally:
+        dist.barrier()  # every rank has read its part
+        if leader:
+            shutil.rmtree(local, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- data
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    return [{k: batch[k][r] for k in TOKEN_COLUMNS} for r in range(len(batch["input_ids"]))]
+
+
+@dataclass
+class StepBatches:
+    """The micro-batches of one optimizer step on this worker, and what they hold."""
+
+    batches: list[dict[str, torch.Tensor]]
+    samples: int = 0
+    tokens: int = 0
+    trainable: int = 0  # tokens carrying loss: the step's normaliser (summed over workers)
+
+
+def step_batches(shard, spec: TrainingSpec, pad_id: int, position: Position) -> Iterator[StepBatches]:
+    """This epoch's optimizer steps, starting after the micro-batches `position.cursor` says were
+    consumed; the cursor advances as steps are handed out."""
+    micro, accum = spec.batch.micro_batch_size, spec.batch.grad_accum
+    block_mask = spec.model.attn_implementation is not Attention.FLASH_ATTENTION_2
+    pending = StepBatches([])
+    for i, batch in enumerate(shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True)):
+        if i < position.cursor:
+            continue
+        rows = _rows(batch)
+        pending.batches.append(collate(rows, pad_id, block_mask))
+        pending.trainable += trained_tokens(pending.batches[-1])
+        pending.samples += sum(len(r["seq_lens"]) for r in rows)
+        pending.tokens += sum(len(r["input_ids"]) for r in rows)
+        if len(pending.batches) == accum:
+            position.cursor = i + 1
+            yield pending
+            pending = StepBatches([])
+
+
+class ValidationRows:
+    """This worker's share of the validation split, read once and kept: the split is small, and
+    each pass over a Ray Data shard starts a new streaming execution (seconds per evaluation)."""
+
+    def __init__(self, shard, spec: TrainingSpec, pad_id: int):
+        self.shard, self.spec, self.pad_id = shard, spec, pad_id
+        self.rows: list[dict[str, np.ndarray]] | None = None
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.shard is None:
+            return
+        if self.rows is None:
+            self.rows = [r for batch in self.shard.iter_batches(batch_size=256, batch_format="numpy") for r in _rows(batch)]
+        micro = self.spec.batch.micro_batch_size
+        block_mask = self.spec.model.attn_implementation is not Attention.FLASH_ATTENTION_2
+        for i in range(0, len(self.rows), micro):
+            yield collate(self.rows[i:i + micro], self.pad_id, block_mask)
+
+
+def all_reduce_sum(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    # Setup: spec, seed, tokenizer, model (+ LoRA), engine, and where a previous attempt stopped.
+    spec = TrainingSpec.model_validate_json(config["spec"])
+    total_steps, pad_id = config["total_steps"], config["pad_id"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(spec.seed)  # identical initialisation (LoRA too) on every worker
+    scratch = Path(tempfile.mkdtemp(prefix="raysft-train-"))
+    model_dir = local_model_dir(spec.model.uri, scratch)
+    tokenizer = load_tokenizer(model_dir, config["chat_template"])
+    engine = make_engine(spec, load_model(spec, model_dir), total_steps)
+    position = Position()
+    recovering = ray.train.get_checkpoint() is not None  # the run's own: it is restarting after a failure
+    if (checkpoint := resume_checkpoint(spec)) is not None:
+        with checkpoint_directory(checkpoint) as directory:
+            position = restore(engine, directory, rank, world)
+        position.failures = position.failures + 1 if recovering else 0
+        if rank == 0:
+            print(f"resumed from step {position.global_step} (epoch {position.epoch}, "
+                  f"micro-batch {position.cursor}) after {position.failures} failure(s)", flush=True)
+    log = MetricsLog(config["run_uri"], position.global_step) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    validation = ValidationRows(ray.train.get_dataset_shard("val") if config["has_val"] else None, spec, pad_id)
+
+    # Train: one optimizer step per `grad_accum` micro-batches, until `total_steps`.
+    window, clock = LogWindow(), time.perf_counter()
+    while position.global_step < total_steps:
+        for step in step_batches(shard, spec, pad_id, position):
+            window.add(train_step(engine, step, world), step, time.perf_counter() - clock)
+            position.global_step += 1
+            n = position.global_step
+            save = n % spec.checkpoint.every_steps == 0 or n == total_steps
+            answer = n % spec.eval.every_steps == 0 or n == total_steps
+            if not (save or answer or n % spec.log_every_steps == 0):
+                clock = time.perf_counter()
+                continue
+            metrics = {"step": n, "total_steps": total_steps, "epoch": position.epoch,
+                       "failures": position.failures} | window.metrics(engine.lr())
+            if save or answer:  # checkpoints are ranked by eval loss, so each one is evaluated
+                metrics |= evaluate(engine, validation.batches(), all_reduce_sum)
+            if answer and spec.eval.prompts:
+                metrics["generations"] = generate_answers(engine, tokenizer, spec, config["stop_ids"], spec.seed + n, rank)
+            if save:
+                save_and_report(engine, tokenizer, spec, position, metrics, rank)
+            elif answer:
+                ray.train.report(metrics)
+            if rank == 0:
+                log.add(metrics, important=save or answer)
+                print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
+            window, clock = LogWindow(), time.perf_counter()  # evaluation and checkpoints are not step time
+            if n >= total_steps:
+                break
+        else:  # the epoch's data ran out before total_steps
+            position.epoch, position.cursor = position.epoch + 1, 0
+
+    # Cleanup: rank 0 turns the final checkpoint into models ready to serve.
+    if rank == 0:
+        log.flush()
+        export(ray.train.get_checkpoint(), spec, config["stop_ids"], pad_id, model_dir,
+               run_layout.export_uri(config["run_uri"]))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def train_step(engine, step: StepBatches, world: int) -> tuple[float, float | None]:
+    """Forward and backward every micro-batch of the step (the engine steps the optimizer at the
+    last); returns this worker's share of the step loss and the gradient norm."""
+    step_tokens = int(all_reduce_sum(step.trainable))
+    loss_share, grad_norm = 0.0, None
+    for j, batch in enumerate(step.batches):
+        loss = micro_batch_loss(engine.forward, batch, step_tokens, world)
+        grad_norm = engine.backward(loss, boundary=j == len(step.batches) - 1)
+        loss_share += loss.item() / world
+    return loss_share, grad_norm
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last report, summed on this worker; `metrics` sums them over workers
+    in one collective. Times are wall clock between steps (data loading included)."""
+
+    steps: int = 0
+    loss: float = 0.0
+    grad_norm: float | None = None
+    seconds: float = 0.0
+    trainable_tokens: int = 0
+    tokens: int = 0
+    samples: int = 0
+
+    def add(self, result: tuple[float, float | None], step: StepBatches, seconds: float) -> None:
+        self.steps += 1
+        self.loss += result[0]
+        self.grad_norm = result[1]
+        self.seconds += seconds
+        self.trainable_tokens += step.trainable
+        self.tokens += step.tokens
+        self.samples += step.samples
+
+    def metrics(self, lr: float) -> dict[str, Any]:
+        totals = torch.tensor([self.loss, self.trainable_tokens, self.tokens, self.samples], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        loss, trainable, tokens, samples = totals.tolist()
+        seconds = max(self.seconds, 1e-9)
+        return {"loss": loss / self.steps, "lr": lr, "grad_norm": self.grad_norm, "step_time_s": seconds / self.steps,
+                "trainable_tokens_per_s": trainable / seconds, "tokens_per_s": tokens / seconds,
+                "samples_per_s": samples / seconds}
+
+
+def save_and_report(engine, tokenizer, spec: TrainingSpec, position: Position, metrics: dict[str, Any],
+                    rank: int) -> None:
+    """Write this rank's part of the checkpoint, then report it: Ray Train uploads every rank's
+    files into one directory and registers the checkpoint once all have arrived."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="raysft-ckpt-") as tmp:
+        wrote = write_checkpoint(engine, Path(tmp), rank, position, metrics, tokenizer, spec.model_dump_json(indent=2))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None,
+                         checkpoint_dir_name=run_layout.checkpoint_dir_name(position.global_step))

@@ -1,0 +1,86 @@
+"""Pure torch: batches of packed rows, attention that stays inside samples, token-normalised loss.
+
+Rows from `jobs.prepare` hold several samples back to back (`seq_lens`, `position_ids`
+restarting at 0). On sdpa/eager attention a block-diagonal causal mask keeps each sample from
+seeing its neighbours, so a packed row computes exactly what its samples would alone. Flash
+attention gets no mask: transformers reads the sample boundaries from `position_ids` (each
+restart at 0 opens a sequence) and runs the varlen kernel, which never builds the L x L mask.
+
+The loss of a step is the sum of token losses over every trainable token of the *effective*
+batch (all micro-batches of the step, on all workers) divided by that token count. Each
+micro-batch contributes `sum / tokens_in_step`, so gradient accumulation and the micro-batch size
+do not change the result (a per-micro-batch mean would weight short batches up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jobs.common.contract import IGNORE_INDEX
+
+
+def collate(rows: Sequence[dict[str, np.ndarray]], pad_id: int, block_mask: bool = True) -> dict[str, torch.Tensor]:
+    """Pad rows (input_ids, labels, position_ids, seq_lens) to the longest; build the attention mask
+    unless `block_mask` is False (flash attention's varlen path reads `position_ids` instead)."""
+    length = max(len(r["input_ids"]) for r in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((batch, length), dtype=torch.long)
+    segments = torch.full((batch, length), -1, dtype=torch.long)  # -1: padding
+    for b, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[b, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
+        labels[b, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
+        position_ids[b, :n] = torch.as_tensor(row["position_ids"], dtype=torch.long)
+        segments[b, :n] = torch.repeat_interleave(torch.arange(len(row["seq_lens"])),
+                                                  torch.as_tensor(row["seq_lens"], dtype=torch.long))
+    collated = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if block_mask:
+        collated["attention_mask"] = block_causal_mask(segments)
+    return collated
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the model's forward: everything but the labels."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive (batch, 1, L, L) mask: token i sees token j iff same sample and j <= i.
+
+    Padding (segment -1) sees only itself, so no softmax row is empty (an all-masked row is NaN)."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    pad_self = (segments[:, :, None] == -1) & torch.eye(length, dtype=torch.bool)
+    allowed = (same & causal & (segments[:, :, None] >= 0)) | pad_self
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over trained tokens, and how many there were."""
+    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shifted_labels = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, int((shifted_labels != IGNORE_INDEX).sum())
+
+
+def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry loss in a collated batch (a step's normaliser is the sum over its micro-batches)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def micro_batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], step_tokens: int,
+                     world_size: int = 1) -> torch.Tensor:
+    """This micro-batch's share of the step loss. DDP and DeepSpeed average gradients over workers,
+    so multiplying by `world_size` makes the reduced gradient that of sum / step_tokens."""
+    logits = model(**model_inputs(batch)).logits
+    total, _ = token_loss_sum(logits, batch["labels"])
+    return total * world_size / max(step_tokens, 1)

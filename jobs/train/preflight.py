@@ -1,0 +1,95 @@
+"""Before any worker starts: the spec against this cluster, and the datasets against the model.
+
+Each check reports every problem at once, with what to change. `check_environment` refuses
+GPU-only features where there is no GPU; `check_datasets` refuses a dataset that did not
+succeed or was tokenized by another tokenizer than the model's (SHA-256 over its files);
+`preflight` runs both and refuses `resume: none` for a name that already has checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+from jobs.common import run_layout, storage, tokenizer_files
+from jobs.common.contract import Manifest, ManifestError, read_manifest
+from jobs.common.spec import SpecError
+from jobs.train.spec import RESUME_NONE, Attention, DType, Method, TrainingSpec
+
+
+def module_installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def check_environment(spec: TrainingSpec, cluster_gpus: float,
+                      installed: Callable[[str], bool] = module_installed) -> None:
+    """GPU-only features fail here, before any worker starts, with what to change. `cluster_gpus`
+    is what the Ray cluster has; the GPU libraries are looked up here, since every node runs the
+    same image."""
+    problems = []
+    gpu = spec.scaling.use_gpu and cluster_gpus > 0
+    wanted = spec.scaling.num_workers * spec.scaling.gpus_per_worker
+    if spec.scaling.use_gpu and cluster_gpus == 0:
+        problems.append("scaling.use_gpu: the cluster has no GPU: set use_gpu: false (and model.dtype: fp32)")
+    elif gpu and wanted > cluster_gpus:
+        problems.append(f"scaling: {wanted:g} GPUs wanted (num_workers x gpus_per_worker) but the cluster has "
+                        f"{cluster_gpus:g}: lower num_workers")
+    if not gpu:
+        if spec.method is Method.QLORA:
+            problems.append("method: qlora needs a GPU (4-bit kernels): use method: lora on CPU")
+        if spec.model.attn_implementation is Attention.FLASH_ATTENTION_2:
+            problems.append("model.attn_implementation: flash_attention_2 needs a GPU: use sdpa")
+        if spec.model.dtype is not DType.FP32:
+            problems.append(f"model.dtype: {spec.model.dtype.value} needs a GPU here: use fp32 on CPU")
+    else:
+        if spec.method is Method.QLORA and not installed("bitsandbytes"):
+            problems.append("method: qlora needs bitsandbytes: install raysft[gpu] in the image")
+        if spec.model.attn_implementation is Attention.FLASH_ATTENTION_2 and not installed("flash_attn"):
+            problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                            "in the image (see the Dockerfile's GPU notes), or use sdpa")
+    if problems:
+        raise SpecError(problems)
+
+
+def check_datasets(spec: TrainingSpec) -> list[Manifest]:
+    """Every dataset is a succeeded preparation tokenized by the model's tokenizer; returns the manifests."""
+    problems, manifests = [], []
+    model_sha = tokenizer_files.sha256(tokenizer_files.fetch(spec.model.uri))
+    for i, ref in enumerate(spec.datasets):
+        try:
+            manifest = read_manifest(ref.uri)
+        except (OSError, ManifestError) as e:
+            problems.append(f"datasets.{i}.uri: no readable manifest.json under {ref.uri!r} ({e}): run jobs.prepare first")
+            continue
+        if not manifest.succeeded:
+            problems.append(f"datasets.{i}.uri: preparation of {ref.uri!r} did not succeed (status {manifest.status!r})")
+        if manifest.tokenizer.sha256 != model_sha:
+            problems.append(f"datasets.{i}.uri: tokenized with tokenizer {manifest.tokenizer.sha256}, but the model's "
+                            f"tokenizer is {model_sha}: prepare the dataset again with tokenizer: {spec.model.uri}")
+        manifests.append(manifest)
+    if problems:
+        raise SpecError(problems)
+    return manifests
+
+
+def with_absolute_paths(spec: TrainingSpec) -> TrainingSpec:
+    """Local paths made absolute: Ray workers do not run in the driver's directory."""
+    data = spec.model_dump(mode="json")
+    data["model"]["uri"] = storage.absolute(data["model"]["uri"])
+    data["checkpoint"]["storage"] = storage.absolute(data["checkpoint"]["storage"])
+    if spec.checkpoint.resume_uri is not None:
+        data["checkpoint"]["resume"] = storage.absolute(spec.checkpoint.resume_uri)
+    for ref in data["datasets"]:
+        ref["uri"] = storage.absolute(ref["uri"])
+    return TrainingSpec.model_validate(data)
+
+
+def preflight(spec: TrainingSpec, cluster_gpus: float) -> tuple[TrainingSpec, list[Manifest]]:
+    """Every check before training; returns the spec with absolute paths and the datasets' manifests."""
+    spec = with_absolute_paths(spec)
+    check_environment(spec, cluster_gpus)
+    manifests = check_datasets(spec)
+    if spec.checkpoint.resume == RESUME_NONE and run_layout.checkpoints(spec.run_uri):
+        raise SpecError([f"checkpoint.resume: none, but run {spec.name!r} already has checkpoints under "
+                         f"{spec.run_uri}: choose a new name, or resume: latest to continue it"])
+    return spec, manifests

@@ -1,0 +1,220 @@
+"""The training spec: the contract of `jobs.train`, shared with the REST API and the CLI.
+
+`load_training_spec` checks shape and values, reporting every problem at once; what this cluster
+can run and whether the datasets fit the model is checked before any worker starts
+(`jobs.train.preflight`). ``python -m jobs.train.spec`` prints the field reference.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from jobs.common import run_layout
+from jobs.common.spec import Name, SpecModel, Uri, check_uri, read_document, reference_markdown, validate
+
+
+class DType(StrEnum):
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"  # the only choice on CPU
+
+
+def torch_dtype(dtype: DType):
+    import torch
+
+    return {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}[dtype]
+
+
+class Attention(StrEnum):
+    SDPA = "sdpa"
+    EAGER = "eager"
+    FLASH_ATTENTION_2 = "flash_attention_2"  # GPU only
+
+
+class Method(StrEnum):
+    LORA = "lora"
+    QLORA = "qlora"  # 4-bit base weights: GPU only
+    FULL = "full"
+
+
+class Scheduler(StrEnum):
+    COSINE = "cosine"
+    LINEAR = "linear"
+    CONSTANT = "constant"
+
+
+class ModelSpec(SpecModel):
+    """The base model: an HF model directory with safetensors weights."""
+
+    uri: Uri = Field(description="HF model directory (local path or s3://); safetensors only.")
+    dtype: DType = Field(DType.BF16, description="Compute dtype: bf16 | fp16 (GPU) or fp32 (CPU runs).")
+    attn_implementation: Attention = Field(Attention.SDPA, description="sdpa | eager | flash_attention_2 (GPU).")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own code (off unless set).")
+
+
+class DatasetRef(SpecModel):
+    """A prepared dataset: the output directory of `jobs.prepare` (holding manifest.json)."""
+
+    uri: Uri = Field(description="Prepared dataset directory (local path or s3://).")
+    weight: float = Field(1.0, gt=0, le=100, description="Mixing weight relative to the other datasets.")
+
+
+class LoraSpec(SpecModel):
+    """LoRA adapter settings (peft)."""
+
+    r: int = Field(16, ge=1, le=1024, description="Rank.")
+    alpha: float = Field(32, gt=0, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="`all-linear` or module names such as [q_proj, v_proj].")
+
+
+class DeepSpeedStrategy(SpecModel):
+    """DeepSpeed ZeRO (stage 0-3), optionally offloading optimizer state and parameters to CPU."""
+
+    kind: Literal["deepspeed"] = "deepspeed"
+    zero_stage: int = Field(2, ge=0, le=3, description="0: none, 1: optimizer, 2: + gradients, 3: + parameters.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state on CPU (stage >= 1).")
+    offload_params: bool = Field(False, description="Keep parameters on CPU (stage 3 only).")
+
+    @model_validator(mode="after")
+    def _offload(self) -> DeepSpeedStrategy:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        return self
+
+
+class DdpStrategy(SpecModel):
+    """PyTorch DistributedDataParallel: every worker holds the whole model."""
+
+    kind: Literal["ddp"] = "ddp"
+
+
+class OptimSpec(SpecModel):
+    """AdamW with warm-up and a decay schedule."""
+
+    lr: float = Field(2.0e-4, gt=0, le=1, description="Peak learning rate.")
+    scheduler: Scheduler = Field(Scheduler.COSINE, description="cosine | linear | constant after warm-up.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+
+class BatchSpec(SpecModel):
+    """Rows per worker per micro-step, and micro-steps per optimizer step."""
+
+    micro_batch_size: int = Field(4, ge=1, description="Packed rows per worker per forward pass.")
+    grad_accum: int = Field(2, ge=1, description="Micro-batches per optimizer step.")
+
+
+class ScalingSpec(SpecModel):
+    """Ray Train workers and their resources."""
+
+    num_workers: int = Field(2, ge=1, description="Training workers.")
+    use_gpu: bool = Field(False, description="One or more GPUs per worker.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu.")
+
+
+# `resume` values that name no checkpoint: the run's own latest, or the base model.
+RESUME_LATEST, RESUME_NONE = "latest", "none"
+RESUME_KEYWORDS = (RESUME_LATEST, RESUME_NONE)
+
+
+class CheckpointSpec(SpecModel):
+    """Where checkpoints go and which one a run resumes from."""
+
+    storage: Uri = Field(description="Checkpoint root (local path or s3://); runs live under it by name.")
+    every_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
+    keep: int = Field(3, ge=1, description="Checkpoints kept: the best by eval loss plus the latest.")
+    resume: str = Field("latest", description="Where a new run starts: `latest` (this run's latest checkpoint, "
+                        "if the name was run before), `none` (the base model; refused if the name has checkpoints) "
+                        "or the URI of one checkpoint. A restarted worker group always continues from the "
+                        "run's own latest checkpoint.")
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, v: str) -> str:
+        return v if v in RESUME_KEYWORDS else check_uri(v)
+
+    @property
+    def resume_uri(self) -> str | None:
+        """The checkpoint a new run starts from when `resume` names one; None for the keywords."""
+        return None if self.resume in RESUME_KEYWORDS else self.resume
+
+
+class EvalSpec(SpecModel):
+    """Evaluation on the validation split, and sample generations."""
+
+    every_steps: int = Field(50, ge=1, description="Evaluate every N optimizer steps (and at the end).")
+    prompts: list[str] = Field(default_factory=list, description="User prompts answered at each evaluation.")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Generation length.")
+    temperature: float = Field(0.7, ge=0, description="0 means greedy.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
+
+
+class ExportSpec(SpecModel):
+    """What the job leaves ready to serve."""
+
+    merge_lora: bool = Field(True, description="Also write base+adapter merged weights (safetensors).")
+
+
+class TrainingSpec(SpecModel):
+    """What `jobs.train` trains, on which data, how, and where it keeps checkpoints."""
+
+    name: Name = Field(description="Run name: checkpoints live under checkpoint.storage/name; reused to resume.")
+    model: ModelSpec = Field(description="The base model.")
+    datasets: list[DatasetRef] = Field(min_length=1, description="Prepared datasets, mixed by weight.")
+    method: Method = Field(Method.LORA, description="lora | qlora | full.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings (lora, qlora).")
+    strategy: DeepSpeedStrategy | DdpStrategy = Field(
+        default_factory=DeepSpeedStrategy, discriminator="kind", description="deepspeed or ddp.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and schedule.")
+    batch: BatchSpec = Field(default_factory=BatchSpec, description="Micro-batch and accumulation.")
+    epochs: int | None = Field(1, ge=1, description="Passes over the data (unless max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    log_every_steps: int = Field(10, ge=1, description="Report metrics (averaged over the steps since the last "
+                                 "report) every N optimizer steps; evaluations and checkpoints report too.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    seed: int = Field(42, description="Seed of initialisation, data order and dropout.")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers and resources.")
+    checkpoint: CheckpointSpec = Field(description="Checkpoint storage and resume.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation.")
+    export: ExportSpec = Field(default_factory=ExportSpec, description="Export.")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the latest checkpoint.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSpec:
+        if self.method is Method.QLORA and isinstance(self.strategy, DeepSpeedStrategy) and self.strategy.zero_stage == 3:
+            raise ValueError("method qlora cannot shard 4-bit weights with zero_stage 3: use zero_stage 2 or ddp")
+        return self
+
+    @property
+    def run_uri(self) -> str:
+        """Where the run lives: its checkpoints, metrics history and export."""
+        return run_layout.run_uri(self.checkpoint.storage, self.name)
+
+    @property
+    def rows_per_step(self) -> int:
+        """Packed rows one optimizer step consumes, over all workers."""
+        return self.batch.micro_batch_size * self.batch.grad_accum * self.scaling.num_workers
+
+
+def load_training_spec(spec: str | Path | dict[str, Any]) -> TrainingSpec:
+    """The training spec from a mapping, a file path, or an inline JSON/YAML string."""
+    return validate(TrainingSpec, read_document(spec))
+
+
+REFERENCE_MODELS = (TrainingSpec, ModelSpec, DatasetRef, LoraSpec, DeepSpeedStrategy, DdpStrategy, OptimSpec,
+                    BatchSpec, ScalingSpec, CheckpointSpec, EvalSpec, ExportSpec)
+
+if __name__ == "__main__":
+    from jobs.common.spec import reference_markdown
+
+    print(reference_markdown(REFERENCE_MODELS))

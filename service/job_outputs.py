@@ -1,0 +1,87 @@
+"""What a job's outputs say about it: progress, latest metrics and artifacts, read from what its
+Ray job writes (the dataset's manifest; the training's metrics history and run directory, laid
+out by `jobs.common.run_layout`). Called by the reconcile loop, which caches the result in the
+job record, so API reads never touch storage."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from jobs.common import run_layout, storage
+from jobs.common.contract import MANIFEST_FILE, REJECTS_FILE, ManifestError, read_manifest
+from jobs.train.spec import TrainingSpec
+
+
+def _exists(uri: str) -> bool:
+    fs, path = storage.filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def run_dir(spec: dict[str, Any]) -> str:
+    """The run directory of a stored training spec, by the rule `jobs.train` writes it with."""
+    return TrainingSpec.model_validate(spec).run_uri
+
+
+def metrics_history(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """A training's metrics.jsonl, one entry per logging step; empty before the first."""
+    fs, path = storage.filesystem(run_layout.metrics_uri(run_dir(spec)))
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return []
+    return [json.loads(line) for line in storage.read_bytes(fs, path).decode().splitlines() if line.strip()]
+
+
+def dataset(spec: dict[str, Any]) -> dict[str, Any]:
+    output = spec["output"]
+    try:
+        manifest = read_manifest(output)
+    except (FileNotFoundError, ManifestError):
+        return {"stage": "prepare", "artifacts": {}}
+    counts = manifest.counts
+    return {"stage": "prepare", "percent": 100.0 if manifest.succeeded else None,
+            "rows": counts.rows_read, "accepted": counts.accepted, "rejected": counts.rejected_total,
+            "tokens": manifest.tokens.all, "packing_efficiency": manifest.packing.efficiency,
+            "artifacts": {"dataset": output, "manifest": posixpath.join(output, MANIFEST_FILE),
+                          "rejects": posixpath.join(output, REJECTS_FILE)}}
+
+
+def training(spec: dict[str, Any]) -> dict[str, Any]:
+    run = run_dir(spec)
+    history = metrics_history(spec)
+    artifacts: dict[str, Any] = {"checkpoints": run_layout.checkpoints(run)}
+    registered = run_layout.registered(run)
+    if registered.latest:
+        artifacts["checkpoint_latest"] = registered.latest
+    if registered.best:
+        artifacts["checkpoint_best"] = registered.best
+    if history:
+        artifacts["metrics"] = run_layout.metrics_uri(run)
+    for name in run_layout.EXPORTED_MODELS:
+        if _exists(run_layout.export_uri(run, name)):
+            artifacts[f"export_{name}"] = run_layout.export_uri(run, name)
+    if not history:
+        return {"stage": "train", "step": 0, "artifacts": artifacts}
+    last = history[-1]
+    step, total = last["step"], last.get("total_steps")
+    return {"stage": "train", "step": step, "total_steps": total,
+            "percent": round(100 * step / total, 2) if total else None,
+            "tokens_per_s": last.get("tokens_per_s"), "trainable_tokens_per_s": last.get("trainable_tokens_per_s"),
+            "eta_s": round((total - step) * last["step_time_s"], 1) if total and "step_time_s" in last else None,
+            "metrics": last, "artifacts": artifacts}
+
+
+def read(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return dataset(spec) if kind == "dataset" else training(spec)
+
+
+def pipeline(dataset_progress: dict[str, Any], training_progress: dict[str, Any] | None) -> dict[str, Any]:
+    """A pipeline's progress: preparation counts as the first 10%, training as the rest."""
+    if training_progress is None:
+        return {**dataset_progress, "percent": 10.0 if dataset_progress.get("percent") == 100.0 else 0.0}
+    percent = training_progress.get("percent")
+    artifacts = {**dataset_progress.get("artifacts", {}), **training_progress.get("artifacts", {})}
+    return {**training_progress, "percent": 10.0 + 0.9 * percent if percent is not None else 10.0,
+            "artifacts": artifacts}

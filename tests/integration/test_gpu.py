@@ -1,0 +1,67 @@
+"""GPU-only paths, skipped without CUDA (CI has none): flash attention's varlen path over packed
+rows, and QLoRA's 4-bit base model training its adapter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.prepare.packing import pack_row
+from jobs.train.packed_batch import collate, token_loss_sum
+
+pytestmark = pytest.mark.gpu
+
+
+def samples(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for length in rng.integers(20, 60, n):
+        ids = rng.integers(3, 200, length)
+        out.append((ids, np.where(np.arange(length) > length // 2, ids, -100)))
+    return out
+
+
+def test_flash_attention_packed_row_equals_its_samples_alone(tiny_model):
+    pytest.importorskip("flash_attn")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="flash_attention_2",
+                                                 dtype=torch.bfloat16).cuda().eval()
+    parts = samples(4)
+    with torch.no_grad():
+        packed = {k: v.cuda() for k, v in collate([pack_row(parts)], pad_id=0, block_mask=False).items()}
+        assert "attention_mask" not in packed  # boundaries come from position_ids (varlen)
+        total, count = token_loss_sum(model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits,
+                                      packed["labels"])
+        alone_total, alone_count = 0.0, 0
+        for part in parts:
+            one = {k: v.cuda() for k, v in collate([pack_row([part])], pad_id=0, block_mask=False).items()}
+            s, n = token_loss_sum(model(input_ids=one["input_ids"], position_ids=one["position_ids"]).logits, one["labels"])
+            alone_total, alone_count = alone_total + float(s), alone_count + n
+    assert count == alone_count
+    assert abs(float(total) / count - alone_total / alone_count) < 2e-2  # bf16 kernels: not fp32's 1e-4
+
+
+def test_qlora_trains_its_adapter_over_a_4bit_base(tiny_model):
+    pytest.importorskip("bitsandbytes")
+    from jobs.train.loop import load_model
+    from jobs.train.packed_batch import micro_batch_loss, trained_tokens
+    from jobs.train.spec import load_training_spec
+
+    spec = load_training_spec({"name": "q", "model": {"uri": str(tiny_model), "dtype": "bf16"}, "datasets": [{"uri": "d"}],
+                               "method": "qlora", "strategy": {"kind": "ddp"}, "scaling": {"use_gpu": True, "num_workers": 1},
+                               "checkpoint": {"storage": "s"}})
+    model = load_model(spec, str(tiny_model))
+    assert any("4bit" in type(m).__name__ for m in model.modules())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    batch = {k: v.cuda() for k, v in collate([pack_row(samples(3, seed=1))], pad_id=0).items()}
+    losses = []
+    for _ in range(10):
+        loss = micro_batch_loss(model, batch, trained_tokens(batch))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

@@ -1,0 +1,199 @@
+"""Exact resume. A 20-step LoRA run (ZeRO-2, 2 workers, dropout on, so the
+random streams matter) checkpointing every 5 steps is killed after step 12 and resubmitted, or
+loses a worker process mid-run; both end with the parameters of a run that never stopped. The
+same spec under a fresh name starts from zero."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from support.jobs import kill_tree, latest_registered_step, run, run_watching, step_metrics, train_workers, training_spec
+
+pytestmark = pytest.mark.integration
+STEPS = 20
+
+
+def resume_spec(tiny_model, prepared, storage, name: str, **overrides) -> dict:
+    return training_spec(tiny_model, prepared, storage, name=name, max_steps=STEPS,
+                         lora={"r": 8, "alpha": 16, "dropout": 0.1}, eval={"every_steps": STEPS},
+                         checkpoint={"storage": str(storage), "every_steps": 5, "keep": 2}, **overrides)
+
+
+def final_adapter(storage, name: str) -> dict:
+    return load_file(storage / name / f"step_{STEPS:08d}" / "adapter_model.safetensors")
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@dataclass(frozen=True)
+class Reference:
+    storage: Path  # where the run lives, beside the runs of tests that use it
+    adapter: dict  # its final adapter
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, prepared, tmp_path_factory) -> Reference:
+    """The same run, never interrupted."""
+    storage = tmp_path_factory.mktemp("reference")
+    run("jobs.train", resume_spec(tiny_model, prepared, storage, "reference"))
+    return Reference(storage, final_adapter(storage, "reference"))
+
+
+def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_model, prepared, reference,
+                                                                        record_property):
+    # The reference's storage holds a finished run of this very spec: under a fresh name, the
+    # spec starts from zero all the same.
+    storage = reference.storage
+    spec = resume_spec(tiny_model, prepared, storage, "killed")
+    run_dir = storage / "killed"
+
+    def kill_after_step_12(line, proc):
+        if '{"step": 12,' in line:
+            kill_tree(proc)  # the driver and its whole local Ray cluster, mid-run
+            return True
+        return False
+
+    killed = run_watching(spec, kill_after_step_12)
+    assert killed.code != 0
+    assert "resumed" not in killed.output and sorted(step_metrics(killed.output))[0] == 1
+    assert not (run_dir / f"step_{STEPS:08d}").exists()
+    # Ray Train registers a checkpoint once every worker has uploaded it and the controller has
+    # taken the report (it polls every 2 s), so step 10's may or may not be registered yet.
+    latest = latest_registered_step(run_dir)
+    assert latest in (5, 10)
+    # What a crash during an upload leaves: a checkpoint directory Ray Train never registered.
+    (run_dir / "step_00000015").mkdir(exist_ok=True)
+    (run_dir / "step_00000015/adapter_model.safetensors").write_bytes(b"cut short")
+
+    resubmitted = time.monotonic()
+    resumed = run_watching(spec)
+    output = resumed.output
+    assert resumed.code == 0, output[-5000:]
+    assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2}) after 1 failure(s)" in output
+    assert sorted(step_metrics(output)) == list(range(latest + 1, STEPS + 1))
+    assert max_difference(final_adapter(storage, "killed"), reference.adapter) < 1e-5
+    record_property("resubmit_to_first_new_step_s", round(resumed.first(f'{{"step": {latest + 1},') - resubmitted, 1))
+    record_property("steps_redone", 12 - latest)
+    # The history beside the checkpoints holds every step once: the steps after the checkpoint
+    # that the killed attempt ran are gone.
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in history] == list(range(1, STEPS + 1))
+    assert [entry["failures"] for entry in history] == [0] * latest + [1] * (STEPS - latest)
+
+
+def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepared, tmp_path, reference,
+                                                              record_property):
+    spec = resume_spec(tiny_model, prepared, tmp_path, "worker-killed", max_failures=1)
+    killed_at: list[int] = []
+    killed: list[float] = []
+
+    def kill_a_worker_once_a_checkpoint_is_registered(line, proc):
+        # A failure before Ray Train has registered any checkpoint restarts from scratch (also
+        # exact, but not what this test is about): wait for the step-5 one.
+        latest = latest_registered_step(tmp_path / "worker-killed")
+        if '{"step": ' not in line or latest is None:
+            return False
+        workers = train_workers(proc)
+        assert len(workers) == 2, workers
+        workers[-1].kill()
+        killed.append(time.monotonic())
+        killed_at.append(latest)
+        return True
+
+    watched = run_watching(spec, kill_a_worker_once_a_checkpoint_is_registered)
+    assert killed_at and watched.code == 0, watched.output[-5000:]
+    resumed = f"resumed from step {killed_at[0]} (epoch 0, micro-batch {killed_at[0] * 2}) after 1 failure(s)"
+    assert resumed in watched.output
+    record_property("kill_to_resumed_s", round(watched.first(resumed, after=killed[0]) - killed[0], 1))
+    record_property("kill_to_first_new_step_s",
+                    round(watched.first(f'{{"step": {killed_at[0] + 1},', after=killed[0]) - killed[0], 1))
+    assert max_difference(final_adapter(tmp_path, "worker-killed"), reference.adapter) < 1e-5
+    last = json.loads((tmp_path / "worker-killed/metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == STEPS and last["failures"] == 1
+
+
+def test_a_killed_worker_with_no_failures_left_fails_the_job_with_the_reason(tiny_model, prepared, tmp_path,
+                                                                            record_property):
+    spec = resume_spec(tiny_model, prepared, tmp_path, "no-retries", max_failures=0)
+    killed: list[float] = []
+
+    def kill_a_worker_at_step_3(line, proc):
+        if '{"step": 3,' not in line:
+            return False
+        [worker, *_] = train_workers(proc)
+        worker.kill()
+        killed.append(time.monotonic())
+        return True
+
+    watched = run_watching(spec, kill_a_worker_at_step_3)
+    assert killed and watched.code != 0
+    assert watched.ended - killed[0] < 60  # the driver noticed, gave up and exited
+    assert "max_failures" in watched.output or "failed" in watched.output.lower(), watched.output[-3000:]
+    record_property("kill_to_exit_s", round(watched.ended - killed[0], 1))
+
+
+def test_an_object_store_failing_mid_checkpoint_fails_clearly_and_resume_skips_the_partial(
+        tiny_model, prepared, tmp_path, reference, s3_server, monkeypatch, record_property):
+    import boto3
+    from safetensors.torch import load as load_safetensors
+    from support.faults import FaultyS3
+
+    proxy = FaultyS3(s3_server["AWS_ENDPOINT_URL"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the job talks to the store through the proxy
+    s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
+    s3.create_bucket(Bucket="ckpt")
+    # No retries: each would resume from the same registered checkpoint and be refused at the same
+    # upload (with the default 2, the job ends 2 minutes later with the same error).
+    spec = resume_spec(tiny_model, prepared, tmp_path, "s3-fault", max_failures=0)
+    spec["checkpoint"] |= {"storage": "s3://ckpt/runs"}
+    run_prefix = "runs/s3-fault/"
+
+    def registered() -> int | None:
+        try:
+            snapshot = s3.get_object(Bucket="ckpt", Key=f"{run_prefix}checkpoint_manager_snapshot.json")["Body"].read()
+            latest = json.loads(snapshot)["latest_checkpoint_result"]
+        except (s3.exceptions.NoSuchKey, ValueError):
+            return None
+        return latest["metrics"]["step"] if latest else None
+
+    refused_step: list[int] = []
+
+    def refuse_the_next_checkpoints_weights(line, proc):
+        if '{"step": ' not in line or (latest := registered()) is None:
+            return False
+        # The store now takes everything but the next checkpoint's weights: it is left half written.
+        step_dir = f"step_{latest + 5:08d}/"
+        proxy.refuse = lambda method, path: method in ("PUT", "POST") and step_dir in path and "safetensors" in path
+        refused_step.append(latest)
+        return True
+
+    watched = run_watching(spec, refuse_the_next_checkpoints_weights)
+    output = watched.output
+    assert refused_step, ([o["Key"] for o in s3.list_objects_v2(Bucket="ckpt").get("Contents", [])], output[-2000:])
+    latest = refused_step[0]
+    assert watched.code != 0 and proxy.refused, output[-3000:]
+    # The store's own answer and the file it refused, in the job's log.
+    assert f"'runs/s3-fault/step_{latest + 5:08d}/adapter_model.safetensors'" in output and "SLOW_DOWN" in output
+    partial = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix=f"{run_prefix}step_{latest + 5:08d}/")
+               .get("Contents", [])]
+    assert partial and not any(key.endswith(".safetensors") for key in partial)  # half written
+    assert registered() == latest
+
+    proxy.refuse = lambda method, path: False  # the store is back; the same spec is resubmitted
+    resubmitted = time.monotonic()
+    resumed = run_watching(spec)
+    assert resumed.code == 0, resumed.output[-5000:]
+    assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2}) after 1 failure(s)" in resumed.output
+    final = s3.get_object(Bucket="ckpt", Key=f"{run_prefix}step_{STEPS:08d}/adapter_model.safetensors")["Body"].read()
+    assert max_difference(load_safetensors(final), reference.adapter) < 1e-5
+    proxy.close()
+    record_property("first_refusal_to_exit_s", round(watched.ended - proxy.refused[0][0], 1))
+    record_property("resubmit_to_first_new_step_s", round(resumed.first(f'{{"step": {latest + 1},') - resubmitted, 1))

@@ -1,0 +1,316 @@
+"""The REST API on a real database (SQLite) with Ray stood in by `RecordingRay`: auth, tenancy,
+validation, URIs, idempotency, size limits, injection, reconciliation and pipelines."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+from support.service import ADMIN_KEY, RecordingRay, dataset_body, service_settings, training_body
+
+from service import store
+from service.app import create_app
+from service.store import Status
+
+
+@pytest.fixture
+def ray():
+    return RecordingRay()
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def app(data_dir, tiny_model, ray):
+    return create_app(service_settings(data_dir, tiny_model), ray=ray, reconcile=False)
+
+
+@pytest.fixture
+def client(app):
+    with TestClient(app) as c:
+        with app.state.control.sessions() as session:
+            keys = {t: store.create_api_key(session, t) for t in ("acme", "globex")}
+        c.keys = keys
+        yield c
+
+
+def auth(client, tenant="acme"):
+    return {"Authorization": f"Bearer {client.keys[tenant]}"}
+
+
+def reconcile(client):
+    client.app.state.control.reconcile_once()
+
+
+def test_health_needs_no_key_but_the_api_does(client):
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").json() == {"ready": True, "database": True, "ray": True}
+    assert client.get("/v1/jobs").status_code == 401
+    assert client.get("/v1/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200  # bootstrap key
+
+
+def test_dataset_job_is_recorded_then_submitted_with_a_fixed_entrypoint(client, ray, data_dir):
+    response = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client))
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] == "QUEUED" and job["kind"] == "dataset"
+    assert job["spec"]["output"] == str(data_dir.absolute() / f"artifacts/tenants/acme/jobs/{job['id']}/dataset")
+    [(submission_id, submitted)] = ray.jobs.items()
+    spec_file = data_dir.absolute() / f"artifacts/tenants/acme/jobs/{job['id']}/spec.json"
+    assert submitted["entrypoint"] == f"python -m jobs.prepare --spec {spec_file}"
+    assert json.loads(spec_file.read_text()) == job["spec"]
+    assert submitted["metadata"] == {"raysft_job_id": job["id"], "raysft_tenant": "acme"}
+
+
+def test_another_tenants_job_does_not_exist(client, data_dir):
+    job = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client)).json()
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth(client, "globex")).status_code == 404
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(client, "globex")).status_code == 404
+    assert client.get(f"/v1/jobs/{job['id']}/logs", headers=auth(client, "globex")).status_code == 404
+    assert client.get("/v1/jobs", headers=auth(client, "globex")).json()["total"] == 0
+    assert client.get("/v1/jobs", headers=auth(client)).json()["total"] == 1
+    # globex may not read acme's inputs either
+    refused = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client, "globex"))
+    assert refused.status_code == 422 and "not readable by this tenant" in refused.text
+
+
+def test_every_problem_is_reported_at_once(client, data_dir):
+    body = dataset_body(data_dir, max_seq_length=1, surprise=True,
+                        sources=[{"uri": "http://169.254.169.254/x", "format": "alpaca"}])
+    problems = client.post("/v1/datasets", json=body, headers=auth(client)).json()["detail"]["problems"]
+    text = "\n".join(problems)
+    assert "max_seq_length" in text and "surprise" in text and "http" in text, problems
+
+
+def test_outputs_outside_the_tenant_prefix_and_untrusted_code_are_refused(client, data_dir):
+    body = dataset_body(data_dir, output=str(data_dir / "artifacts/tenants/globex/stolen"))
+    assert "output: outputs must be under" in client.post("/v1/datasets", json=body, headers=auth(client)).text
+    body = training_body(data_dir, datasets=[{"uri": str(data_dir / "artifacts/tenants/acme/x")}],
+                         model={"uri": str(data_dir / "models/tiny"), "dtype": "fp32", "trust_remote_code": True})
+    assert "not on the operator's allowlist" in client.post("/v1/trainings", json=body, headers=auth(client)).text
+
+
+def test_same_idempotency_key_same_job_different_body_422(client, ray, data_dir):
+    headers = auth(client) | {"Idempotency-Key": "k1"}
+    first = client.post("/v1/datasets", json=dataset_body(data_dir), headers=headers).json()
+    again = client.post("/v1/datasets", json=dataset_body(data_dir), headers=headers).json()
+    assert again["id"] == first["id"] and len(ray.jobs) == 1
+    other = client.post("/v1/datasets", json=dataset_body(data_dir, seed=7), headers=headers)
+    assert other.status_code == 422 and "different request body" in other.text
+
+
+def test_concurrent_duplicates_create_exactly_one_ray_job(client, ray, data_dir):
+    headers = auth(client) | {"Idempotency-Key": "burst"}
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: client.post("/v1/datasets", json=dataset_body(data_dir), headers=headers), range(8)))
+    assert {r.status_code for r in responses} == {202}
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert len(ray.jobs) == 1 and client.get("/v1/jobs", headers=auth(client)).json()["total"] == 1
+
+
+def test_bodies_over_the_limit_get_413(client):
+    huge = b"{" + b" " * (2 << 20) + b"}"
+    response = client.post("/v1/datasets", content=huge, headers=auth(client) | {"Content-Type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_yaml_bodies_are_safe_loaded(client, data_dir):
+    import yaml
+
+    ok = client.post("/v1/datasets", content=yaml.safe_dump(dataset_body(data_dir)),
+                     headers=auth(client) | {"Content-Type": "application/yaml"})
+    assert ok.status_code == 202
+    evil = "!!python/object/apply:os.system ['touch /tmp/raysft-pwned']"
+    refused = client.post("/v1/datasets", content=evil, headers=auth(client) | {"Content-Type": "application/yaml"})
+    assert refused.status_code == 422
+
+
+def test_shell_text_in_a_spec_never_reaches_the_entrypoint(client, ray, data_dir):
+    body = dataset_body(data_dir, template="$(touch /tmp/raysft-pwned) {{ messages }}",
+                        eot_token="`reboot`; rm -rf /")
+    job = client.post("/v1/datasets", json=body, headers=auth(client)).json()
+    entrypoint = ray.jobs[f"raysft-{job['id']}"]["entrypoint"]
+    assert entrypoint.startswith("python -m jobs.prepare --spec /") and "$(" not in entrypoint and "`" not in entrypoint
+
+
+def test_reconcile_follows_ray_and_marks_unknown_jobs_lost(client, ray, data_dir):
+    a = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client)).json()
+    b = client.post("/v1/datasets", json=dataset_body(data_dir, seed=1), headers=auth(client)).json()
+    reconcile(client)
+    assert client.get(f"/v1/jobs/{a['id']}", headers=auth(client)).json()["status"] == "RUNNING"
+    ray.set(f"raysft-{a['id']}", Status.FAILED, "Traceback ... ValueError: boom")
+    del ray.jobs[f"raysft-{b['id']}"]  # the cluster restarted and forgot it
+    reconcile(client)
+    a_now, b_now = (client.get(f"/v1/jobs/{j['id']}", headers=auth(client)).json() for j in (a, b))
+    assert a_now["status"] == "FAILED" and "boom" in a_now["error"] and a_now["finished_at"]
+    assert b_now["status"] == "LOST" and "Ray no longer knows this job" in b_now["error"]
+
+
+def test_a_job_ray_could_not_take_is_submitted_later(client, ray, data_dir):
+    ray.down = True
+    job = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client)).json()
+    assert job["status"] == "QUEUED" and not ray.jobs
+    ray.down = False
+    reconcile(client)
+    assert f"raysft-{job['id']}" in ray.jobs
+
+
+def test_pipeline_trains_only_after_its_dataset_succeeds(client, ray, data_dir):
+    body = {"dataset": dataset_body(data_dir), "training": training_body(data_dir)}
+    pipeline = client.post("/v1/pipelines", json=body, headers=auth(client)).json()
+    [dataset_id] = pipeline["children"]
+    reconcile(client)
+    assert len(ray.jobs) == 1
+    ray.set(f"raysft-{dataset_id}", Status.SUCCEEDED)
+    reconcile(client)
+    children = client.get(f"/v1/jobs/{pipeline['id']}", headers=auth(client)).json()["children"]
+    assert len(children) == 2 and len(ray.jobs) == 2
+    training = client.get(f"/v1/jobs/{children[1]}", headers=auth(client)).json()
+    dataset = client.get(f"/v1/jobs/{dataset_id}", headers=auth(client)).json()
+    assert training["spec"]["datasets"] == [{"uri": dataset["spec"]["output"], "weight": 1.0}]
+    ray.set(f"raysft-{children[1]}", Status.SUCCEEDED)
+    reconcile(client)
+    assert client.get(f"/v1/jobs/{pipeline['id']}", headers=auth(client)).json()["status"] == "SUCCEEDED"
+
+
+def test_two_replicas_advancing_a_pipeline_at_once_start_one_training(client, ray, data_dir, monkeypatch):
+    """Each replica's reconcile loop advances pipelines: two may see the same dataset succeed."""
+    from service.control import Control
+
+    body = {"dataset": dataset_body(data_dir), "training": training_body(data_dir)}
+    pipeline = client.post("/v1/pipelines", json=body, headers=auth(client)).json()
+    [dataset_id] = pipeline["children"]
+    reconcile(client)
+    ray.set(f"raysft-{dataset_id}", Status.SUCCEEDED)
+    make_child = Control._child
+
+    def the_other_replica_commits_first(control, parent, kind, spec):
+        monkeypatch.setattr(Control, "_child", make_child)
+        control._advance_pipeline(parent.id)  # a whole pass, in its own session
+        return make_child(control, parent, kind, spec)
+
+    monkeypatch.setattr(Control, "_child", the_other_replica_commits_first)
+    reconcile(client)  # loses the race: no error, and nothing of its own is kept
+    children = client.get(f"/v1/jobs/{pipeline['id']}", headers=auth(client)).json()["children"]
+    assert len(children) == 2 and sorted(ray.jobs) == sorted(f"raysft-{c}" for c in children)
+    ray.set(f"raysft-{children[1]}", Status.SUCCEEDED)
+    reconcile(client)
+    assert client.get(f"/v1/jobs/{pipeline['id']}", headers=auth(client)).json()["status"] == "SUCCEEDED"
+
+
+def test_pipeline_fails_with_the_reason_when_preparation_fails(client, ray, data_dir):
+    body = {"dataset": dataset_body(data_dir), "training": training_body(data_dir)}
+    pipeline = client.post("/v1/pipelines", json=body, headers=auth(client)).json()
+    ray.set(f"raysft-{pipeline['children'][0]}", Status.FAILED, "too many invalid rows")
+    reconcile(client)
+    reconcile(client)
+    final = client.get(f"/v1/jobs/{pipeline['id']}", headers=auth(client)).json()
+    assert final["status"] == "FAILED" and "dataset job" in final["error"] and "too many invalid rows" in final["error"]
+    assert len(ray.jobs) == 1  # no training was started
+
+
+def test_training_names_its_dataset_by_job_id(client, ray, data_dir):
+    dataset = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client)).json()
+    body = training_body(data_dir, datasets=[{"uri": f"job:{dataset['id']}"}])
+    early = client.post("/v1/trainings", json=body, headers=auth(client))
+    assert early.status_code == 422 and "train once it has SUCCEEDED" in early.text
+    ray.set(f"raysft-{dataset['id']}", Status.SUCCEEDED)
+    reconcile(client)
+    training = client.post("/v1/trainings", json=body, headers=auth(client)).json()
+    assert training["spec"]["datasets"][0]["uri"] == dataset["spec"]["output"]
+    assert client.post("/v1/trainings", json=body, headers=auth(client, "globex")).status_code == 422
+
+
+def test_cancel_stops_the_ray_job(client, ray, data_dir):
+    job = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client)).json()
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(client)).json()
+    assert cancelled["status"] == "CANCELLED"
+    assert ray.statuses[f"raysft-{job['id']}"].status is Status.CANCELLED
+
+
+def test_list_filters_and_pages(client, data_dir):
+    for seed in range(5):
+        client.post("/v1/datasets", json=dataset_body(data_dir, seed=seed), headers=auth(client))
+    page = client.get("/v1/jobs", params={"kind": "dataset", "status": "QUEUED", "limit": 2, "offset": 2},
+                      headers=auth(client)).json()
+    assert page["total"] == 5 and len(page["items"]) == 2
+    assert client.get("/v1/jobs", params={"status": "RUNNING"}, headers=auth(client)).json()["total"] == 0
+    assert client.get("/v1/jobs", params={"status": "NOPE"}, headers=auth(client)).status_code == 422
+
+
+def test_logs_tail(client, data_dir):
+    job = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client)).json()
+    assert client.get(f"/v1/jobs/{job['id']}/logs", params={"tail": 2}, headers=auth(client)).text == "line 3\nline 4"
+
+
+def test_readiness_reports_ray_down_and_prometheus_counts(client, ray, data_dir):
+    client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client))
+    ray.down = True
+    not_ready = client.get("/readyz")
+    assert not_ready.status_code == 503 and not_ready.json() == {"ready": False, "database": True, "ray": False}
+    text = client.get("/metrics").text
+    assert 'raysft_jobs{status="QUEUED"} 1.0' in text
+    assert 'raysft_http_requests_total{method="POST",route="/v1/datasets",status="202"} 1.0' in text
+    assert 'raysft_http_request_seconds_count{method="POST",route="/v1/datasets"} 1.0' in text
+    client.get("/v1/jobs")  # no key
+    assert 'raysft_http_requests_total{method="GET",route="/v1/jobs",status="401"} 1.0' in client.get("/metrics").text
+
+
+def test_known_api_keys_are_remembered_unknown_ones_looked_up_every_time(client):
+    control = client.app.state.control
+    sessions, opened = control.sessions, []
+    control.sessions = lambda: opened.append(1) or sessions()
+    assert control.tenant_for_key(client.keys["acme"]) == "acme" and len(opened) == 1
+    assert control.tenant_for_key(client.keys["acme"]) == "acme" and len(opened) == 1  # no second lookup
+    assert control.tenant_for_key("rsk_unknown") is None and control.tenant_for_key("rsk_unknown") is None
+    assert len(opened) == 3 and len(control.known_keys) == 1
+
+
+def test_a_get_is_one_query_and_a_pipelines_two(client, data_dir):
+    control = client.app.state.control
+    dataset = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client)).json()
+    pipeline = client.post("/v1/pipelines", json={"dataset": dataset_body(data_dir), "training": training_body(data_dir)},
+                           headers=auth(client)).json()
+    sessions, opened = control.sessions, []
+    control.sessions = lambda: opened.append(1) or sessions()
+    assert client.get(f"/v1/jobs/{dataset['id']}", headers=auth(client)).json()["children"] == []
+    assert len(opened) == 1  # the job; datasets and trainings have no children to look for
+    assert len(client.get(f"/v1/jobs/{pipeline['id']}", headers=auth(client)).json()["children"]) == 1
+    assert len(opened) == 3
+
+
+def test_ray_errors_are_classified_by_what_they_say_not_by_digits_in_ids():
+    from service.ray_jobs import RayJobs, RayUnavailable, UnknownToRay
+
+    class FailingClient:
+        def __init__(self, message):
+            self.message = message
+
+        def submit_job(self, *args, **kwargs):
+            raise RuntimeError(self.message)
+
+        get_job_info = submit_job
+
+    jobs = RayJobs("http://127.0.0.1:1")
+
+    def failing(message):
+        jobs._client = FailingClient(message)
+        return jobs
+
+    # A second submit of one id is adopted, even when the id holds "404" and Ray answers 500.
+    already = ("Request failed with status code 500: Traceback ... ValueError: Job with submission_id "
+               "raysft-a404f already exists. Please use a different submission_id.")
+    failing(already).submit(store.Kind.DATASET, "/spec.json", "raysft-a404f", {})
+    with pytest.raises(RayUnavailable):
+        failing("Request failed with status code 500: raysft-a404f: the agent is not ready").submit(
+            store.Kind.DATASET, "/spec.json", "raysft-a404f", {})
+    with pytest.raises(UnknownToRay):
+        failing("Request failed with status code 404: Job raysft-b not found").status("raysft-b")
+    with pytest.raises(UnknownToRay):
+        failing("Job raysft-b does not exist.").status("raysft-b")
