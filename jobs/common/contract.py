@@ -49,6 +49,7 @@ class TokenizerInfo(_Part):
 class TemplateInfo(_Part):
     name: str  # a built-in template's name, `tokenizer`, or `custom`
     eot: str  # the end-of-turn text trained after every reply: where generation stops
+    eot_source: Literal["template", "spec", "eos"]  # rendered by the template, set by eot_token, or the eos fallback
     chat_template: str | None  # the Jinja template to serve the trained model with; None: the tokenizer's own
 
 

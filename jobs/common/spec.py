@@ -7,10 +7,11 @@ option; each problem names its field path.
 
 from __future__ import annotations
 
+import difflib
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -50,11 +51,35 @@ Uri = Annotated[str, Field(min_length=1), AfterValidator(check_uri)]
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
-def format_errors(err: ValidationError) -> list[str]:
+def fields_at(model: type[BaseModel], loc: tuple) -> set[str]:
+    """The field names a document may hold at `loc` (list indexes skipped, unions merged)."""
+    models = {model}
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        nested = {a for m in models if (field := m.model_fields.get(part)) for a in _models_in(field.annotation)}
+        # Not a field: the tag pydantic puts in the path of a discriminated union's member.
+        models = nested or {m for m in models if getattr(m.model_fields.get("kind"), "default", None) == part}
+    return {name for m in models for name in m.model_fields}
+
+
+def _models_in(annotation: Any) -> set[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {annotation}
+    return {m for arg in get_args(annotation) for m in _models_in(arg)}
+
+
+def format_errors(err: ValidationError, model: type[BaseModel] | None = None) -> list[str]:
+    """One `path: message` line per problem; an unknown key names the nearest known one."""
     problems = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<spec>"
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and model is not None:
+            known = fields_at(model, e["loc"][:-1])
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1, cutoff=0.6)
+            msg = f"unknown field: did you mean {close[0]!r}?" if close else \
+                f"unknown field: the fields here are {', '.join(sorted(known))}"
         problems.append(f"{path}: {msg}")
     return problems
 
@@ -93,7 +118,7 @@ def validate(model: type[_M], data: dict[str, Any]) -> _M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise SpecError(format_errors(e)) from None
+        raise SpecError(format_errors(e, model)) from None
 
 
 def _type_name(annotation: Any) -> str:

@@ -21,6 +21,8 @@ LIBRARIES = ("raysft", "ray", "transformers", "tokenizers", "pyarrow", "jinja2")
 # Rejects that are policy, not bad data: they do not count against max_reject_ratio.
 POLICY_REASONS = {"duplicate", "downsampled"}
 CUSTOM_TEMPLATE = "custom"  # the manifest's template name for a Jinja string in the spec
+EOT_SOURCES = {"template": "as the template renders it", "spec": "set by eot_token",
+               "eos": "the tokenizer's eos: the template renders no special token after a reply"}
 
 
 def library_versions() -> dict[str, str]:
@@ -71,7 +73,8 @@ def build(spec: DatasetSpec, inputs: Inputs, rows_read: int, skipped: dict[int, 
                    "vocab_size": len(inputs.tokenizer), "eos_token": inputs.tokenizer.eos_token,
                    "pad_token": inputs.tokenizer.pad_token},
         template={"name": CUSTOM_TEMPLATE if spec.template_is_custom else TemplateName(spec.template).value,
-                  "eot": inputs.template.eot, "chat_template": inputs.template.chat_template()},
+                  "eot": inputs.template.eot, "eot_source": inputs.template.eot_source,
+                  "chat_template": inputs.template.chat_template()},
         counts={
             "rows_read": rows_read,
             "rows_beyond_max_samples": {spec.sources[i].uri: n for i, n in skipped.items()},
@@ -119,7 +122,7 @@ def data_card(spec: DatasetSpec, manifest: Manifest, examples: list[str]) -> str
 
 Prepared {m.created_at} by raysft {m.library_versions['raysft']}.
 Spec hash `{m.spec_hash[:16]}`, tokenizer SHA-256 `{m.tokenizer.sha256[:16]}`,
-template `{m.template.name}` (end of turn `{m.template.eot}`), train on `{spec.train_on.value}`.
+template `{m.template.name}` (end of turn `{m.template.eot}`, {EOT_SOURCES[m.template.eot_source]}), train on `{spec.train_on.value}`.
 
 ## Rows
 
@@ -165,6 +168,7 @@ def summary(manifest: Manifest) -> str:
         f"  tokens: {t.all} all, {t.trainable} trainable; sample length {m.sample_length}",
         f"  packing {p.mode}@{p.max_seq_length}: rows train {p.rows['train']}, val {p.rows['val']}, "
         f"efficiency {p.efficiency:.2%}",
+        f"  template {m.template.name}, end of turn {m.template.eot!r} ({EOT_SOURCES[m.template.eot_source]})",
         f"  tokenizer sha256 {m.tokenizer.sha256}",
     ]
     return "\n".join(lines)

@@ -138,9 +138,9 @@ class DatasetSpec(SpecModel):
     )
     eot_token: str | None = Field(
         None,
-        description="End-of-turn text closing each assistant reply, trained with it. "
-        "Built-in templates know theirs; for `tokenizer`/custom templates it defaults to the "
-        "tokenizer's eos_token.",
+        description="End-of-turn text closing each assistant reply, trained with it. Built-in templates know "
+        "theirs; for `tokenizer`/custom templates it is detected (the special token the template renders right "
+        "after a reply), else the tokenizer's eos_token. Set it only to insist on one.",
     )
     max_seq_length: int = Field(1024, ge=16, le=1_048_576, description="Tokens per sample and per packed row.")
     truncation: Truncation = Field(Truncation.DROP, description="What to do with over-long rows.")

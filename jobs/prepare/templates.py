@@ -6,15 +6,19 @@ Masks are later derived from these spans and the tokenizer's offsets over the *w
 token merge across a role boundary cannot shift them.
 
 Built-in templates are laid out in Python, where spans are known exactly. Jinja templates (the
-tokenizer's own or a custom string) are rendered by transformers' `apply_chat_template`; the span
-of turn k is what rendering messages[:k+1] adds to messages[:k] plus the generation prompt,
-trimmed after the end-of-turn text. That needs a template whose renders extend each other, which
-`check_template` verifies up front.
+tokenizer's own or a custom string) are rendered once per conversation by transformers; a
+template with `{% generation %}` blocks says where each reply is, and for any other the replies
+are found in the whole render, in order, each span ending at the end-of-turn that follows it.
+Nothing requires renders of prefixes to extend each other, so templates that fold the system
+prompt into a later turn (Mistral), rewrite earlier turns (Qwen3) or add a default system prompt
+(SmolLM2, Qwen2.5) mask exactly. The end-of-turn is detected from the template (the special
+token rendered right after a reply) unless the spec sets it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +26,15 @@ from jobs.prepare.formats import Message, RowReject
 from jobs.prepare.spec import TemplateName, TrainOn
 
 Span = tuple[int, int]
+
+# What a template is tried on before any row: no system turn, since some templates refuse one
+# (Gemma), and rows with one are then rejected one by one with the template's own message.
+PROBE_CONVERSATION: list[Message] = [
+    {"role": "user", "content": "Name a primary colour."},
+    {"role": "assistant", "content": "Red is a primary colour."},
+    {"role": "user", "content": "And another one?"},
+    {"role": "assistant", "content": "Blue."},
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +45,7 @@ class Rendered:
 
 class ChatTemplate(Protocol):
     eot: str
+    eot_source: str  # `template` (its layout, or detected from its render), `spec` (eot_token), `eos`
 
     def render(self, messages: list[Message]) -> Rendered: ...
 
@@ -99,6 +113,7 @@ class BuiltinTemplate:
     layout: TurnLayout
     bos: str
     eos: str
+    eot_source = "template"
 
     @property
     def eot(self) -> str:
@@ -149,47 +164,96 @@ class BuiltinTemplate:
         return Rendered("".join(parts), spans)
 
 
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def locate_replies(text: str, messages: list[Message], eot: str) -> list[Span]:
+    """The span of each assistant reply in a whole render: user and assistant contents are found in
+    order (so a reply quoted by a later user turn is not mistaken for it), and a reply's span runs
+    to the end-of-turn right after it. System prompts are skipped: templates place them anywhere,
+    or fold them into a user turn."""
+    spans, cursor = [], 0
+    for k, m in enumerate(messages):
+        if m["role"] == "system":
+            continue
+        at = text.find(m["content"], cursor)
+        if at < 0:
+            raise RowReject("template_error", f"turn {k} ({m['role']}) is not rendered verbatim by the template")
+        end = at + len(m["content"])
+        if m["role"] == "assistant":
+            eot_at = text.find(eot, end)
+            if eot_at < 0 or text[end:eot_at].strip():
+                after = text[end:end + 40]
+                raise RowReject("template_error", f"turn {k}: the reply is followed by {after!r}, not the end-of-turn "
+                                f"{eot!r}")
+            end = eot_at + len(eot)
+            spans.append((at, end))
+        cursor = end
+    return spans
+
+
 @dataclass(frozen=True)
 class JinjaTemplate:
-    """The tokenizer's own chat template, or a custom Jinja string rendered the same way."""
+    """The tokenizer's own chat template, or a custom Jinja string, rendered by transformers."""
 
     tokenizer: Any
     source: str | None  # None: the tokenizer's own chat_template
     eot: str
     bos: str
     eos: str
+    eot_source: str = "template"
 
     def chat_template(self) -> str | None:
         return self.source
 
-    def _apply(self, messages: list[Message], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.source, tokenize=False, add_generation_prompt=generation_prompt
-        )
+    def render_text(self, messages: list[Message]) -> tuple[str, list[Span] | None]:
+        """The whole render, and the `{% generation %}` spans when the template marks replies."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        source = self.tokenizer.get_chat_template(self.source)
+        marked = bool(GENERATION_BLOCK.search(source))
+        texts, indices = render_jinja_template(conversations=[messages], chat_template=source,
+                                               return_assistant_tokens_mask=marked,
+                                               **self.tokenizer.special_tokens_map)
+        return texts[0], ([tuple(span) for span in indices[0]] if marked else None)
 
     def render(self, messages: list[Message]) -> Rendered:
         if (doc := _render_text(messages, self.bos, self.eos)) is not None:
             return doc
         try:
-            text = self._apply(messages, False)
-            spans = []
-            for k, m in enumerate(messages):
-                if m["role"] != "assistant":
-                    continue
-                prompt = self._apply(messages[:k], True)
-                upto = self._apply(messages[: k + 1], False)
-                if not (upto.startswith(prompt) and text.startswith(upto)):
-                    raise RowReject("template_error", f"render of turn {k} does not extend the previous one")
-                reply_at = upto.find(m["content"], len(prompt))
-                eot_at = upto.find(self.eot, max(reply_at, len(prompt)) + len(m["content"]))
-                if reply_at < 0 or eot_at < 0:
-                    raise RowReject("template_error", f"turn {k}: reply or end-of-turn {self.eot!r} not rendered")
-                spans.append((len(prompt), eot_at + len(self.eot)))
-        except RowReject:
-            raise
-        except Exception as e:  # a template's raise_exception() or a Jinja error in user text
+            text, marked = self.render_text(messages)
+        except Exception as e:  # a template's raise_exception() (no system role, say) or a Jinja error
             raise RowReject("template_error", str(e)[:300]) from e
-        return Rendered(text, spans)
+        replies = sum(m["role"] == "assistant" for m in messages)
+        if marked is None:
+            return Rendered(text, locate_replies(text, messages, self.eot))
+        if len(marked) != replies:
+            raise RowReject("template_error", f"{len(marked)} generation blocks for {replies} replies")
+        return Rendered(text, marked)
+
+
+def detect_eot(tokenizer: Any, source: str | None) -> str | None:
+    """The end-of-turn a chat template renders: the special token right after a reply (whitespace
+    between them allowed), longest first; None when the template renders none there."""
+    template = JinjaTemplate(tokenizer, source, eot="", bos="", eos="")
+    probe = PROBE_CONVERSATION[:3]  # a reply with a user turn after it: the end of turn is not the end of the text
+    try:
+        text, marked = template.render_text(probe)
+    except Exception:
+        return None  # check_template reports the template's own error
+    reply = probe[1]["content"]
+    if marked:
+        start, end = marked[0]
+        reply_end = text.find(reply, start, end) + len(reply)
+    else:
+        reply_at = text.find(reply, text.find(probe[0]["content"]) + len(probe[0]["content"]))
+        if reply_at < 0:
+            return None
+        reply_end = reply_at + len(reply)
+    rest = text[reply_end:].lstrip()
+    special = sorted(set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
+                                                          if t.special}, key=len, reverse=True)
+    return next((token for token in special if token and rest.startswith(token)), None)
 
 
 def select_spans(rendered: Rendered, train_on: TrainOn) -> list[Span]:
@@ -201,13 +265,6 @@ def select_spans(rendered: Rendered, train_on: TrainOn) -> list[Span]:
     return rendered.spans
 
 
-PROBE_CONVERSATION: list[Message] = [
-    {"role": "system", "content": "You are a careful assistant."},
-    {"role": "user", "content": "Name a primary colour."},
-    {"role": "assistant", "content": "Red is a primary colour."},
-    {"role": "user", "content": "And another one?"},
-    {"role": "assistant", "content": "Blue."},
-]
 
 
 def build_template(template: TemplateName | str, tokenizer: Any, eot_token: str | None = None) -> ChatTemplate:
@@ -226,12 +283,18 @@ def build_template(template: TemplateName | str, tokenizer: Any, eot_token: str 
         if template is TemplateName.TOKENIZER and not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'tokenizer' but the tokenizer has no chat_template: "
                              "pick a built-in template (e.g. chatml) or pass a Jinja string")
-        eot = eot_token or eos
-        if not eot:
-            raise ValueError("set eot_token: the tokenizer has no eos_token to end assistant turns with")
         source = None if template is TemplateName.TOKENIZER else str(template)
+        detected = detect_eot(tokenizer, source)
+        eot = eot_token or detected or eos
+        if not eot:
+            raise ValueError("set eot_token: the template renders no special token after a reply, and the "
+                             "tokenizer has no eos_token")
+        if eot_token and detected and eot_token != detected:
+            raise ValueError(f"eot_token {eot_token!r} is not what this template renders after a reply "
+                             f"({detected!r}): set eot_token: {detected!r}, or remove it to use the detected one")
         # Jinja templates render the BOS themselves; the text format follows the same rule.
-        chat = JinjaTemplate(tokenizer, source, eot, bos="", eos=eos)
+        eot_source = "spec" if eot_token else "template" if detected else "eos"
+        chat = JinjaTemplate(tokenizer, source, eot, bos="", eos=eos, eot_source=eot_source)
     check_template(chat, tokenizer)
     return chat
 
@@ -245,7 +308,8 @@ def check_template(chat: ChatTemplate, tokenizer: Any) -> None:
     try:
         rendered = chat.render(PROBE_CONVERSATION)
     except RowReject as e:
-        raise ValueError(f"the chat template cannot be used for masking: {e.detail}") from None
+        raise ValueError(f"the chat template cannot be used for masking: {e.detail}: set eot_token to the "
+                         "text that ends a reply in this template, or pick a built-in template") from None
     replies = [m["content"] for m in PROBE_CONVERSATION if m["role"] == "assistant"]
     for (start, end), reply in zip(rendered.spans, replies, strict=True):
         if not rendered.text[start:end].strip().startswith(reply):

@@ -54,7 +54,10 @@ def check_environment(spec: TrainingSpec, cluster_gpus: float,
 def check_datasets(spec: TrainingSpec) -> list[Manifest]:
     """Every dataset is a succeeded preparation tokenized by the model's tokenizer; returns the manifests."""
     problems, manifests = [], []
-    model_sha = tokenizer_files.sha256(tokenizer_files.fetch(spec.model.uri))
+    try:
+        model_sha = tokenizer_files.sha256(tokenizer_files.fetch(spec.model.uri))
+    except OSError as e:
+        raise SpecError([missing_model(spec.model.uri, e)]) from None
     for i, ref in enumerate(spec.datasets):
         try:
             manifest = read_manifest(ref.uri)
@@ -70,6 +73,12 @@ def check_datasets(spec: TrainingSpec) -> list[Manifest]:
     if problems:
         raise SpecError(problems)
     return manifests
+
+
+def missing_model(uri: str, error: Exception) -> str:
+    return (f"model.uri: no model with a tokenizer at {uri!r} ({error}). Point it at a Hugging Face model "
+            "directory (config.json, *.safetensors, tokenizer files), local or on s3://: download one ahead of "
+            f"time, or for the demo's scaffold model run `python -m jobs.scaffold_model {uri}`")
 
 
 def with_absolute_paths(spec: TrainingSpec) -> TrainingSpec:

@@ -132,7 +132,7 @@ def stub_manifest(tokenizer_sha256: str, status: str = "succeeded", train_rows: 
         status=status, name="stub", output="stub", spec={}, spec_hash="0" * 64,
         tokenizer={"uri": "m", "sha256": tokenizer_sha256, "vocab_size": 512, "eos_token": "<|im_end|>",
                    "pad_token": None},
-        template={"name": "chatml", "eot": "<|im_end|>", "chat_template": None},
+        template={"name": "chatml", "eot": "<|im_end|>", "eot_source": "template", "chat_template": None},
         counts={"rows_read": train_rows, "rows_beyond_max_samples": {}, "accepted": train_rows, "rejected": {},
                 "rejected_total": 0, "invalid": 0, "duplicates": 0, "truncated": 0, "dropped": 0, "samples": splits},
         tokens={"all": 64 * train_rows, "trainable": 32 * train_rows,

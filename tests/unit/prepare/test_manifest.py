@@ -52,6 +52,7 @@ def test_counts_and_tokens_follow_from_the_selection_and_packed_rows(built):
     assert manifest.sample_length == {"p50": 6, "p90": 10, "p99": 10, "min": 4, "max": 10}
     assert manifest.tokenizer.sha256 == tokenizer_files.sha256(files)
     assert manifest.template.eot == "<|im_end|>" and manifest.template.name == "chatml"
+    assert manifest.template.eot_source == "template"
     assert "<|im_start|>assistant" in manifest.template.chat_template  # what the model is served with
     assert manifest.succeeded and manifest.spec_hash == spec.spec_hash() and manifest.seconds == 1.23
 

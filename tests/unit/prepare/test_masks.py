@@ -134,8 +134,12 @@ def test_truncation_policies():
 
 
 def test_template_problems_fail_early_with_the_fix(tokenizer):
-    with pytest.raises(ValueError, match="not one"):
-        build_template(TemplateName.CHATML, tokenizer, None) and build_template(CUSTOM, tokenizer, "</eot>")
+    build_template(TemplateName.CHATML, tokenizer, None)
+    with pytest.raises(ValueError, match="is not what this template renders after a reply .'<|im_end|>'.: set eot_token"):
+        build_template(CUSTOM, tokenizer, "</eot>")
+    plain_eot = CUSTOM.replace("{{ eos_token }}", "{{ '</eot>' }}")  # a reply ends in text the tokenizer splits
+    with pytest.raises(ValueError, match="'</eot>' is [0-9]+ tokens in this tokenizer, not one"):
+        build_template(plain_eot, tokenizer, "</eot>")
     no_reply = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
     with pytest.raises(ValueError, match="cannot be used for masking"):
         build_template(no_reply, tokenizer)

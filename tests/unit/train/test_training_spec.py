@@ -103,3 +103,22 @@ def test_docs_field_reference_matches_the_models():
     from jobs.train.spec import REFERENCE_MODELS
 
     assert reference_markdown(REFERENCE_MODELS) in (REPO / "docs/training-spec.md").read_text()
+
+
+def test_a_field_typo_names_the_nearest_field():
+    with pytest.raises(SpecError) as info:
+        load_training_spec(MINIMAL | {"model": {"uri": "m", "dtyp": "fp32"}, "datasets": [{"uri": "d", "wieght": 2}],
+                                      "strategy": {"kind": "deepspeed", "zero_stag": 3}, "zzz": 1})
+    assert info.value.problems[:3] == ["model.dtyp: unknown field: did you mean 'dtype'?",
+                                       "datasets.0.wieght: unknown field: did you mean 'weight'?",
+                                       "strategy.deepspeed.zero_stag: unknown field: did you mean 'zero_stage'?"]
+    assert info.value.problems[3].startswith("zzz: unknown field: the fields here are batch, checkpoint, datasets")
+
+
+def test_a_missing_model_directory_says_how_to_provide_one(tmp_path):
+    missing = tmp_path / "no-model"
+    with pytest.raises(SpecError) as info:
+        check_datasets(load_training_spec(MINIMAL | {"model": {"uri": str(missing), "dtype": "fp32"}}))
+    [problem] = info.value.problems
+    assert problem.startswith(f"model.uri: no model with a tokenizer at '{missing}'")
+    assert f"python -m jobs.scaffold_model {missing}" in problem
