@@ -14,6 +14,8 @@ import pytest
 from safetensors.torch import load_file
 from support.jobs import kill_tree, latest_registered_step, run, run_watching, step_metrics, train_workers, training_spec
 
+from jobs.common import run_layout
+
 pytestmark = pytest.mark.integration
 STEPS = 20
 
@@ -25,7 +27,7 @@ def resume_spec(tiny_model, prepared, storage, name: str, **overrides) -> dict:
 
 
 def final_adapter(storage, name: str) -> dict:
-    return load_file(storage / name / f"step_{STEPS:08d}" / "adapter_model.safetensors")
+    return load_file(storage / name / run_layout.checkpoint_dir_name(STEPS) / "adapter_model.safetensors")
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -64,14 +66,14 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
     killed = run_watching(spec, kill_after_step_12)
     assert killed.code != 0
     assert "resumed" not in killed.output and sorted(step_metrics(killed.output))[0] == 1
-    assert not (run_dir / f"step_{STEPS:08d}").exists()
+    assert not (run_dir / run_layout.checkpoint_dir_name(STEPS)).exists()
     # Ray Train registers a checkpoint once every worker has uploaded it and the controller has
     # taken the report (it polls every 2 s), so step 10's may or may not be registered yet.
     latest = latest_registered_step(run_dir)
     assert latest in (5, 10)
     # What a crash during an upload leaves: a checkpoint directory Ray Train never registered.
-    (run_dir / "step_00000015").mkdir(exist_ok=True)
-    (run_dir / "step_00000015/adapter_model.safetensors").write_bytes(b"cut short")
+    (run_dir / run_layout.checkpoint_dir_name(15)).mkdir(exist_ok=True)
+    (run_dir / run_layout.checkpoint_dir_name(15) / "adapter_model.safetensors").write_bytes(b"cut short")
 
     resubmitted = time.monotonic()
     resumed = run_watching(spec)
@@ -164,35 +166,41 @@ def test_an_object_store_failing_mid_checkpoint_fails_clearly_and_resume_skips_t
             return None
         return latest["metrics"]["step"] if latest else None
 
-    refused_step: list[int] = []
+    registered_then: list[int] = []
 
-    def refuse_the_next_checkpoints_weights(line, proc):
+    def refuse_later_checkpoints_weights(line, proc):
         if '{"step": ' not in line or (latest := registered()) is None:
             return False
-        # The store now takes everything but the next checkpoint's weights: it is left half written.
-        step_dir = f"step_{latest + 5:08d}/"
-        proxy.refuse = lambda method, path: method in ("PUT", "POST") and step_dir in path and "safetensors" in path
-        refused_step.append(latest)
+        # The store now takes everything but the weights of checkpoints after the registered one: the next
+        # checkpoint is left half written, whichever it is by the time this line was read.
+        def later_weights(method: str, path: str) -> bool:
+            step = next((run_layout.checkpoint_step(part) for part in path.split("/")
+                         if run_layout.checkpoint_step(part) is not None), None)
+            return method in ("PUT", "POST") and "safetensors" in path and step is not None and step > latest
+        proxy.refuse = later_weights
+        registered_then.append(latest)
         return True
 
-    watched = run_watching(spec, refuse_the_next_checkpoints_weights)
+    watched = run_watching(spec, refuse_later_checkpoints_weights)
     output = watched.output
-    assert refused_step, ([o["Key"] for o in s3.list_objects_v2(Bucket="ckpt").get("Contents", [])], output[-2000:])
-    latest = refused_step[0]
+    assert registered_then, ([o["Key"] for o in s3.list_objects_v2(Bucket="ckpt").get("Contents", [])], output[-2000:])
     assert watched.code != 0 and proxy.refused, output[-3000:]
+    refused_dir = next(part for part in proxy.refused[0][1].split("/") if run_layout.checkpoint_step(part) is not None)
+    refused, latest = run_layout.checkpoint_step(refused_dir), registered()
+    assert latest == refused - 5 and latest >= registered_then[0]
     # The store's own answer and the file it refused, in the job's log.
-    assert f"'runs/s3-fault/step_{latest + 5:08d}/adapter_model.safetensors'" in output and "SLOW_DOWN" in output
-    partial = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix=f"{run_prefix}step_{latest + 5:08d}/")
+    assert f"'runs/s3-fault/{refused_dir}/adapter_model.safetensors'" in output and "SLOW_DOWN" in output
+    partial = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix=f"{run_prefix}{refused_dir}/")
                .get("Contents", [])]
     assert partial and not any(key.endswith(".safetensors") for key in partial)  # half written
-    assert registered() == latest
 
     proxy.refuse = lambda method, path: False  # the store is back; the same spec is resubmitted
     resubmitted = time.monotonic()
     resumed = run_watching(spec)
     assert resumed.code == 0, resumed.output[-5000:]
     assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2}) after 1 failure(s)" in resumed.output
-    final = s3.get_object(Bucket="ckpt", Key=f"{run_prefix}step_{STEPS:08d}/adapter_model.safetensors")["Body"].read()
+    final = s3.get_object(Bucket="ckpt", Key=f"{run_prefix}{run_layout.checkpoint_dir_name(STEPS)}/adapter_model.safetensors")
+    final = final["Body"].read()
     assert max_difference(load_safetensors(final), reference.adapter) < 1e-5
     proxy.close()
     record_property("first_refusal_to_exit_s", round(watched.ended - proxy.refused[0][0], 1))
