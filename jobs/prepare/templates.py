@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 from jobs.prepare.formats import Message, RowReject
@@ -210,12 +211,17 @@ class JinjaTemplate:
         """The whole render, and the `{% generation %}` spans when the template marks replies."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        source = self.tokenizer.get_chat_template(self.source)
-        marked = bool(GENERATION_BLOCK.search(source))
+        source, marked = self._source
         texts, indices = render_jinja_template(conversations=[messages], chat_template=source,
                                                return_assistant_tokens_mask=marked,
                                                **self.tokenizer.special_tokens_map)
         return texts[0], ([tuple(span) for span in indices[0]] if marked else None)
+
+    @cached_property
+    def _source(self) -> tuple[str, bool]:
+        """The template's text, and whether it marks replies with `{% generation %}`: once, not per row."""
+        source = self.tokenizer.get_chat_template(self.source)
+        return source, bool(GENERATION_BLOCK.search(source))
 
     def render(self, messages: list[Message]) -> Rendered:
         if (doc := _render_text(messages, self.bos, self.eos)) is not None:
