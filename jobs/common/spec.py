@@ -17,6 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 REMOTE_SCHEMES = ("s3://", "gs://")
+MODEL_SCHEME = "hf://"  # models and tokenizers only: jobs.common.model_source
 
 
 class SpecError(ValueError):
@@ -36,17 +37,25 @@ class SpecModel(BaseModel):
 _M = TypeVar("_M", bound=SpecModel)
 
 
-def check_uri(uri: str) -> str:
+def check_uri(uri: str, schemes: tuple[str, ...] = REMOTE_SCHEMES) -> str:
     """A local path, s3:// or gs://: the only places jobs read and write."""
     if not uri.strip():
         raise ValueError("must not be empty")
-    if "://" in uri and not uri.startswith(REMOTE_SCHEMES):
-        raise ValueError(f"unsupported URI {uri!r}: use a local path, s3://bucket/key or gs://bucket/key")
+    if "://" in uri and not uri.startswith(schemes):
+        hint = ", or hf://org/name[@revision]" if MODEL_SCHEME in schemes else ""
+        raise ValueError(f"unsupported URI {uri!r}: use a local path, s3://bucket/key or gs://bucket/key{hint}")
     return uri
+
+
+def check_model_uri(uri: str) -> str:
+    """Where a model or tokenizer is: a data location, or a Hugging Face id (`jobs.common.model_source`)."""
+    return check_uri(uri, (*REMOTE_SCHEMES, MODEL_SCHEME))
 
 
 # A location a job reads or writes.
 Uri = Annotated[str, Field(min_length=1), AfterValidator(check_uri)]
+# A model or tokenizer: also `hf://org/name[@revision]`, or a bare `org/name` that is no local path.
+ModelUri = Annotated[str, Field(min_length=1), AfterValidator(check_model_uri)]
 # A dataset or run name: it becomes a directory name, so no separators and no leading dot.
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 

@@ -13,7 +13,7 @@ import json
 import tempfile
 from typing import Any
 
-from jobs.common import storage
+from jobs.common import model_source, storage
 
 TOKENIZER_FILES = {
     "tokenizer.json",
@@ -30,7 +30,8 @@ TOKENIZER_FILES = {
 
 
 def fetch(uri: str) -> dict[str, bytes]:
-    files = storage.read_dir_files(uri, TOKENIZER_FILES)
+    """The tokenizer files of a model or tokenizer directory, or of a Hugging Face id."""
+    files = storage.read_dir_files(model_source.resolve(uri), TOKENIZER_FILES)
     if "tokenizer.json" not in files and "tokenizer.model" not in files and "vocab.json" not in files:
         raise FileNotFoundError(f"{uri}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
     return files

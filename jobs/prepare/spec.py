@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from jobs.common.spec import Name, SpecModel, Uri, read_document, reference_markdown, validate
+from jobs.common.spec import ModelUri, Name, SpecModel, Uri, read_document, reference_markdown, validate
 
 
 class SourceFormat(StrEnum):
@@ -130,7 +130,8 @@ class DatasetSpec(SpecModel):
 
     name: Name = Field(description="Dataset name: letters, digits, `.`, `_`, `-`.")
     sources: list[Source] = Field(min_length=1, description="One or more inputs.")
-    tokenizer: Uri = Field(description="HF tokenizer directory (local path or s3://).")
+    tokenizer: ModelUri = Field(description="HF tokenizer (or model) directory: a local path, s3://, or a Hugging "
+                                "Face id (hf://org/name[@revision], or org/name where no such local path exists).")
     template: TemplateName | str = Field(
         TemplateName.CHATML,
         description="chatml | alpaca | instruct | chat | tokenizer (its own chat_template) "

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import ray
 
-from jobs.common import ray_runtime, storage, tokenizer_files
+from jobs.common import model_source, ray_runtime, storage, tokenizer_files
 from jobs.common.contract import SPLITS, Manifest
 from jobs.train.loop import train_loop
 from jobs.train.plan import plan, planned_train_rows, total_steps
@@ -145,7 +145,7 @@ def dry_run(spec: TrainingSpec) -> dict[str, Any]:
     spec, manifests = preflight(spec, gpus)
     run_inputs(spec, manifests)  # the tokenizer loads and knows the end-of-turn token
     with tempfile.TemporaryDirectory(prefix="raysft-plan-") as tmp:
-        storage.materialize_files(storage.read_dir_files(spec.model.uri, {"config.json"}), tmp)
+        storage.materialize_files(storage.read_dir_files(model_source.resolve(spec.model.uri), {"config.json"}), tmp)
         config = AutoConfig.from_pretrained(tmp, trust_remote_code=spec.model.trust_remote_code)
     return plan(spec, config, manifests, total_steps(spec, planned_train_rows(spec, manifests)))
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from jobs.common import run_layout, storage, tokenizer_files
+from jobs.common import model_source, run_layout, storage, tokenizer_files
 from jobs.common.contract import TOKEN_COLUMNS
 from jobs.train.checkpoint import Position, restore, write_checkpoint
 from jobs.train.engines import make_engine
@@ -76,6 +76,8 @@ def load_model(spec: TrainingSpec, model_dir: str) -> torch.nn.Module:
 
 
 def local_model_dir(uri: str, scratch: Path) -> str:
+    """The model as a local directory: as it is, from this node's Hugging Face cache, or copied from object storage."""
+    uri = model_source.resolve(uri)
     if not storage.is_remote(uri):
         return uri
     return str(storage.materialize_files(storage.read_dir_files(uri), scratch / "model"))

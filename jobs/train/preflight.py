@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 
-from jobs.common import run_layout, storage, tokenizer_files
+from jobs.common import model_source, run_layout, storage, tokenizer_files
 from jobs.common.contract import Manifest, ManifestError, read_manifest
 from jobs.common.spec import SpecError
 from jobs.train.spec import RESUME_NONE, Attention, DType, Method, TrainingSpec
@@ -56,6 +56,8 @@ def check_datasets(spec: TrainingSpec) -> list[Manifest]:
     problems, manifests = [], []
     try:
         model_sha = tokenizer_files.sha256(tokenizer_files.fetch(spec.model.uri))
+    except model_source.ModelNotFound as e:
+        raise SpecError([f"model.uri: {e}"]) from None
     except OSError as e:
         raise SpecError([missing_model(spec.model.uri, e)]) from None
     for i, ref in enumerate(spec.datasets):
@@ -84,7 +86,8 @@ def missing_model(uri: str, error: Exception) -> str:
 def with_absolute_paths(spec: TrainingSpec) -> TrainingSpec:
     """Local paths made absolute: Ray workers do not run in the driver's directory."""
     data = spec.model_dump(mode="json")
-    data["model"]["uri"] = storage.absolute(data["model"]["uri"])
+    if model_source.hf_id(spec.model.uri) is None:  # a Hugging Face id stays one: each node resolves it
+        data["model"]["uri"] = storage.absolute(spec.model.uri)
     data["checkpoint"]["storage"] = storage.absolute(data["checkpoint"]["storage"])
     if spec.checkpoint.resume_uri is not None:
         data["checkpoint"]["resume"] = storage.absolute(spec.checkpoint.resume_uri)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from jobs.common import run_layout
-from jobs.common.spec import Name, SpecModel, Uri, check_uri, read_document, reference_markdown, validate
+from jobs.common.spec import ModelUri, Name, SpecModel, Uri, check_uri, read_document, reference_markdown, validate
 
 
 class DType(StrEnum):
@@ -50,7 +50,8 @@ class Scheduler(StrEnum):
 class ModelSpec(SpecModel):
     """The base model: an HF model directory with safetensors weights."""
 
-    uri: Uri = Field(description="HF model directory (local path or s3://); safetensors only.")
+    uri: ModelUri = Field(description="HF model directory, safetensors only: a local path, s3://, or a Hugging Face "
+                          "id (hf://org/name[@revision], or org/name where no such local path exists).")
     dtype: DType = Field(DType.BF16, description="Compute dtype: bf16 | fp16 (GPU) or fp32 (CPU runs).")
     attn_implementation: Attention = Field(Attention.SDPA, description="sdpa | eager | flash_attention_2 (GPU).")
     trust_remote_code: bool = Field(False, description="Run the model repository's own code (off unless set).")

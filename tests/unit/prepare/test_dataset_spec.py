@@ -112,3 +112,17 @@ def test_docs_field_reference_matches_the_models():
     from jobs.prepare.spec import REFERENCE_MODELS
 
     assert reference_markdown(REFERENCE_MODELS) in (REPO / "docs/dataset-spec.md").read_text()
+
+
+def test_hugging_face_ids_name_tokenizers_only():
+    from jobs.common.model_source import hf_id
+    from jobs.prepare.spec import DatasetSpec
+
+    base = {"name": "d", "sources": [{"uri": "a.jsonl"}], "tokenizer": "hf://Qwen/Qwen2.5-0.5B@main", "output": "out"}
+    assert DatasetSpec.model_validate(base).tokenizer == "hf://Qwen/Qwen2.5-0.5B@main"
+    with pytest.raises(SpecError) as info:
+        load_spec(base | {"output": "hf://org/name", "sources": [{"uri": "hf://org/data"}]})
+    assert {p.split(":")[0] for p in info.value.problems} == {"output", "sources.0.uri"}
+    assert hf_id("hf://Qwen/Qwen2.5-0.5B@v1") == ("Qwen/Qwen2.5-0.5B", "v1")
+    assert hf_id("Qwen/Qwen2.5-0.5B") == ("Qwen/Qwen2.5-0.5B", None)  # no such local path here
+    assert hf_id("configs/data") is None and hf_id("s3://b/m") is None and hf_id(".cache/models/x") is None
