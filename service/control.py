@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from jobs.common import storage
+from jobs.common.contract import ManifestError
 from jobs.common.spec import SpecError
 from jobs.train.spec import TrainingSpec
 from service import job_outputs, specs, store
@@ -361,6 +362,27 @@ class Control:
         if not children:
             raise NotFound("the pipeline has not started a job yet")
         return children[-1]
+
+    def dataset_job(self, job: Job) -> Job:
+        """The job whose output is a prepared dataset: a dataset job, or a pipeline's preparation."""
+        if job.kind is Kind.DATASET:
+            return job
+        if job.kind is Kind.TRAINING:
+            raise NotFound("a training prepares no dataset: its spec names the datasets it reads")
+        for child in self.children(job):
+            if child.kind is Kind.DATASET:
+                return child
+        raise NotFound("the pipeline has not started its preparation yet")
+
+    def dataset_report(self, job: Job) -> dict[str, Any]:
+        """A preparation's manifest and reject examples, read from its output."""
+        job = self.dataset_job(job)
+        try:
+            return job_outputs.dataset_report(job.spec)
+        except FileNotFoundError:
+            raise NotFound("the preparation has not written its manifest yet") from None
+        except ManifestError as e:
+            raise NotFound(str(e)) from None
 
     def metrics_history(self, job: Job) -> list[dict[str, Any]]:
         """A training's metrics history, read from its run directory; empty for a dataset job."""

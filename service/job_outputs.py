@@ -48,6 +48,46 @@ def dataset(spec: dict[str, Any]) -> dict[str, Any]:
                           "rejects": posixpath.join(output, REJECTS_FILE)}}
 
 
+REJECT_EXAMPLES = 3  # raw rows shown per reject reason
+REJECTS_SCAN_BYTES = 64 << 20  # how far into the rejects file a report looks for them
+RAW_CHARS = 2000  # of each raw row shown
+
+
+def reject_examples(output: str, reasons: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """The first few rejected rows of each reason, read from the start of the rejects file until
+    every reason has its share or `REJECTS_SCAN_BYTES` are read (the file can be far larger)."""
+    fs, path = storage.filesystem(posixpath.join(output, REJECTS_FILE))
+    examples: dict[str, list[dict[str, Any]]] = {}
+    try:
+        stream = fs.open_input_stream(path)
+    except FileNotFoundError:
+        return examples
+    with stream:
+        pending, read = b"", 0
+        while read < REJECTS_SCAN_BYTES and any(len(examples.get(r, ())) < REJECT_EXAMPLES for r in reasons):
+            chunk = stream.read(1 << 20)
+            if not chunk:
+                break
+            read += len(chunk)
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                record = json.loads(line)
+                shown = examples.setdefault(record["reason"], [])
+                if len(shown) < REJECT_EXAMPLES:
+                    shown.append(record | {"raw": (record.get("raw") or "")[:RAW_CHARS]})
+    return examples
+
+
+def dataset_report(spec: dict[str, Any]) -> dict[str, Any]:
+    """What a preparation wrote, for people: its manifest (counts, lengths, packing, rendered
+    examples with their trained spans) and a few raw rows of each reject reason. FileNotFoundError
+    until the manifest exists."""
+    output = spec["output"]
+    manifest = read_manifest(output)
+    return {"manifest": manifest.model_dump(mode="json"),
+            "rejects": reject_examples(output, set(manifest.counts.rejected))}
+
+
 def training(spec: dict[str, Any]) -> dict[str, Any]:
     run = run_dir(spec)
     history = metrics_history(spec)

@@ -82,6 +82,12 @@ class PackingInfo(_Part):
     efficiency: float  # share of token slots holding real tokens
 
 
+class Segment(_Part):
+    """A run of a rendered example's tokens, decoded: trained (labels kept) or not (label -100)."""
+    text: str
+    trained: bool
+
+
 class Manifest(_Part):
     format_version: Literal[2] = MANIFEST_VERSION
     status: Literal["succeeded", "failed"]
@@ -101,6 +107,9 @@ class Manifest(_Part):
     seconds: float
     library_versions: dict[str, str]
     created_at: str
+    # A few rendered samples, split where training starts and stops: what the data card and the
+    # dashboard show. Empty for a failed preparation (and in manifests written before it existed).
+    examples: list[list[Segment]] = []
 
     @property
     def succeeded(self) -> bool:

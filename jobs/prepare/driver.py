@@ -100,11 +100,11 @@ def prepare(spec: DatasetSpec, options: Options = Options()) -> Manifest:
     packed = {s: [] if failed else pack_samples(sel.samples[s], bfd, spec.max_seq_length) for s in SPLITS}
     files = [] if failed else [f for s in SPLITS for f in write_split(fs, base, s, packed[s], options.rows_per_file)]
 
+    examples = [] if failed else [mf.trained_segments(inputs.tokenizer, ids, labels) for ids, labels in showcase(sel)]
     manifest = mf.build(spec, inputs, rows_read, skipped, sel, rejected, packed, files, failed,
-                        time.monotonic() - started)
+                        time.monotonic() - started, examples)
     if not failed:
-        examples = [mf.mark_trained(inputs.tokenizer, ids, labels) for ids, labels in showcase(sel)]
-        storage.write_bytes(fs, posixpath.join(base, DATA_CARD_FILE), mf.data_card(spec, manifest, examples).encode())
+        storage.write_bytes(fs, posixpath.join(base, DATA_CARD_FILE), mf.data_card(spec, manifest).encode())
     # The manifest is written last: its presence marks a complete output.
     storage.write_bytes(fs, posixpath.join(base, MANIFEST_FILE), manifest.to_json().encode())
     if failed:

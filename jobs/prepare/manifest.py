@@ -6,12 +6,13 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from jobs.common import tokenizer_files
-from jobs.common.contract import IGNORE_INDEX, SPLITS, TOKEN_COLUMNS, Manifest
+from jobs.common.contract import IGNORE_INDEX, SPLITS, TOKEN_COLUMNS, Manifest, Segment
 from jobs.prepare.inputs import Inputs
 from jobs.prepare.packing import fill_ratio
 from jobs.prepare.selection import Selection
@@ -57,7 +58,7 @@ def created_at() -> str:
 
 def build(spec: DatasetSpec, inputs: Inputs, rows_read: int, skipped: dict[int, int], sel: Selection,
           rejected: Counter, packed: dict[str, list[dict[str, np.ndarray]]], files: list[str], failed: bool,
-          seconds: float) -> Manifest:
+          seconds: float, examples: Sequence[list[Segment]] = ()) -> Manifest:
     """The manifest of a run, from what each step produced."""
     all_tokens = {s: int(sum(len(r["input_ids"]) for r in packed[s])) for s in SPLITS}
     trainable = {s: int(sum(int((r["labels"] != IGNORE_INDEX).sum()) for r in packed[s])) for s in SPLITS}
@@ -99,23 +100,29 @@ def build(spec: DatasetSpec, inputs: Inputs, rows_read: int, skipped: dict[int, 
         seconds=round(seconds, 2),
         library_versions=library_versions(),
         created_at=created_at(),
+        examples=list(examples),
     )
 
 
-def mark_trained(tokenizer: Any, input_ids: np.ndarray, labels: np.ndarray) -> str:
-    """Decode a sample, wrapping each run of trained tokens in ⟦ ⟧."""
+def trained_segments(tokenizer: Any, input_ids: np.ndarray, labels: np.ndarray) -> list[Segment]:
+    """Decode a sample as runs of tokens that are trained or not, in order."""
     trained = labels != IGNORE_INDEX
     out, start = [], 0
     for i in range(1, len(input_ids) + 1):
         if i == len(input_ids) or trained[i] != trained[start]:
-            text = tokenizer.decode(input_ids[start:i].tolist())
-            out.append(f"⟦{text}⟧" if trained[start] else text)
+            out.append(Segment(text=tokenizer.decode(input_ids[start:i].tolist()), trained=bool(trained[start])))
             start = i
-    return "".join(out)
+    return out
 
 
-def data_card(spec: DatasetSpec, manifest: Manifest, examples: list[str]) -> str:
+def mark_trained(segments: list[Segment]) -> str:
+    """A sample as text, each run of trained tokens inside ⟦ ⟧."""
+    return "".join(f"⟦{s.text}⟧" if s.trained else s.text for s in segments)
+
+
+def data_card(spec: DatasetSpec, manifest: Manifest) -> str:
     m, c, t, p = manifest, manifest.counts, manifest.tokens, manifest.packing
+    examples = [mark_trained(segments) for segments in m.examples]
     rejected = "\n".join(f"| {r} | {n} |" for r, n in sorted(c.rejected.items(), key=lambda x: -x[1])) or "| – | 0 |"
     shown = "\n\n".join(f"### Example {i + 1}\n\n```text\n{e}\n```" for i, e in enumerate(examples))
     return f"""# Dataset card: {m.name}

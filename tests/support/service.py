@@ -130,11 +130,13 @@ class Service:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
 
-    def wait(self, job_id: str, until=lambda job: job["status"] in TERMINAL, timeout: float = 400) -> list[dict]:
-        """Poll the job until `until(job)`; returns every response seen."""
+    def wait(self, job_id: str, until=lambda job: job["status"] in TERMINAL, timeout: float = 400,
+             headers: dict[str, str] | None = None) -> list[dict]:
+        """Poll the job (as the admin tenant, or with `headers`) until `until(job)`; returns every
+        response seen."""
         seen, deadline = [], time.monotonic() + timeout
         while time.monotonic() < deadline:
-            job = self.http.get(f"/v1/jobs/{job_id}").json()
+            job = self.http.get(f"/v1/jobs/{job_id}", headers=headers).json()
             seen.append(job)
             if until(job):
                 return seen

@@ -65,9 +65,13 @@ def test_the_written_manifest_reads_back_as_the_same_contract(built):
 def test_data_card_and_summary_show_the_counts(built, tokenizer):
     spec, manifest, _ = built
     ids, labels = sample(6, 2)
-    marked = mf.mark_trained(tokenizer, ids, labels)
+    segments = mf.trained_segments(tokenizer, ids, labels)
+    assert [s.trained for s in segments] == [False, True]
+    assert segments[1].text == tokenizer.decode(ids[4:].tolist())
+    assert "".join(s.text for s in segments) == tokenizer.decode(ids.tolist())
+    marked = mf.mark_trained(segments)
     assert marked.endswith("⟧") and marked.count("⟦") == 1
-    card = mf.data_card(spec, manifest, [marked])
+    card = mf.data_card(spec, manifest.model_copy(update={"examples": [segments]}))
     assert "| read | 6 |" in card and "| too_long | 1 |" in card and marked in card
     summary = mf.summary(manifest)
     assert "read 6, accepted 4, rejected 2" in summary and "duplicate: 1" in summary
