@@ -31,11 +31,13 @@ class Message(BaseModel):
     detail: str
 
 
-router = APIRouter(prefix="/v1", responses={
+# What any route may answer besides its own responses (the admin routes share it).
+COMMON_RESPONSES = {
     422: {"model": ProblemResponse, "description": "Invalid request"},
     429: {"model": Message, "description": "The tenant's request rate or active-job limit; see Retry-After",
           "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait"}}},
-    503: {"model": Message, "description": "The database (or Ray, where needed) is unavailable; see Retry-After"}})
+    503: {"model": Message, "description": "The database (or Ray, where needed) is unavailable; see Retry-After"}}
+router = APIRouter(prefix="/v1", responses=COMMON_RESPONSES)
 # OpenAPI links from a created job to what can be done with it: clients (and schemathesis'
 # stateful runs) follow them from the 202's `id`.
 JOB_LINKS = {name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}}

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from service import api, store
+from service import admin_api, api, store
 from service.control import Control
 from service.limits import TokenBuckets
 from service.ray_jobs import RayJobs
@@ -157,6 +157,7 @@ def create_app(settings: Settings | None = None, ray: RayJobs | None = None, rec
     app = FastAPI(title="raysft", version="0.1.0", lifespan=lifespan,
                   description="Supervised fine-tuning jobs on Ray: prepare datasets, train, run pipelines.")
     app.include_router(api.router)
+    app.include_router(admin_api.router)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -2,7 +2,8 @@
 
     raysft serve                                   # embedded default: local Ray, SQLite, .raysft/
     raysft submit pipeline configs/pipelines/demo.yaml
-    raysft jobs list | get ID | logs ID [--follow] | cancel ID | wait ID
+    raysft jobs list | get ID | logs ID [--follow] | metrics ID | cancel ID | wait ID
+    raysft admin tenants create|list · raysft admin keys create|list|revoke
 
 Clients read RAYSFT_URL (default http://127.0.0.1:8000) and RAYSFT_API_KEY. Exit codes: 0 done
 (and `wait`: the job SUCCEEDED), 1 the job ended otherwise, 2 a request was refused (invalid spec,
@@ -23,16 +24,51 @@ import httpx
 import typer
 import yaml
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n\n")[0])
-jobs_app = typer.Typer(no_args_is_help=True, help="List, inspect, follow and cancel jobs.")
+DEFAULT_URL = "http://127.0.0.1:8000"
+# Shown under every client command's help: what it reads from the environment and how it exits.
+ENVIRONMENT = (f"Environment: RAYSFT_URL, the service's address (default {DEFAULT_URL}); RAYSFT_API_KEY, an API "
+               "key of your tenant. Exit codes: 0 done, 1 the job ended otherwise, 2 refused, 3 unreachable.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n\n")[0], epilog=ENVIRONMENT)
+jobs_app = typer.Typer(no_args_is_help=True, help="List, inspect, follow and cancel jobs.", epilog=ENVIRONMENT)
 app.add_typer(jobs_app, name="jobs")
+admin_app = typer.Typer(no_args_is_help=True, help="Tenants and their API keys (with an admin tenant's key).",
+                        epilog=ENVIRONMENT)
+tenants_app = typer.Typer(no_args_is_help=True, help="Create and list tenants.", epilog=ENVIRONMENT)
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke a tenant's API keys.", epilog=ENVIRONMENT)
+app.add_typer(admin_app, name="admin")
+admin_app.add_typer(tenants_app, name="tenants")
+admin_app.add_typer(keys_app, name="keys")
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "LOST"}
+JobId = Annotated[str, typer.Argument(help="A job id, as `submit` and `raysft jobs list` print it.")]
+TenantId = Annotated[str, typer.Argument(help="A tenant id: lowercase letters, digits and '-'.")]
+# What to do next, by the service's answer; {retry} is its Retry-After.
+NEXT_STEPS = {
+    401: "set RAYSFT_API_KEY to an API key of your tenant (the first one is the server's RAYSFT_ADMIN_API_KEY)",
+    404: "`raysft jobs list` shows your tenant's jobs",
+    413: "the body is over the service's limit (RAYSFT_MAX_BODY_BYTES): put large data in files the spec names",
+    422: "fix what is listed and submit again",
+    429: "retry in {retry} s, or wait for some of your running jobs to end",
+    503: "the service's database or Ray is unavailable: retry shortly; its /readyz says which",
+}
+
+
+def service_url() -> str:
+    return os.environ.get("RAYSFT_URL", DEFAULT_URL)
 
 
 def client() -> httpx.Client:
     key = os.environ.get("RAYSFT_API_KEY", "")
-    return httpx.Client(base_url=os.environ.get("RAYSFT_URL", "http://127.0.0.1:8000"), timeout=30,
-                        headers={"Authorization": f"Bearer {key}"} if key else {})
+    return httpx.Client(base_url=service_url(), timeout=30, headers={"Authorization": f"Bearer {key}"} if key else {})
+
+
+def refusal(response: httpx.Response) -> str:
+    """The service's refusal in its own words, each problem on a line, then what to do next."""
+    is_json = "json" in response.headers.get("content-type", "")
+    detail = response.json().get("detail") if is_json else response.text
+    problems = detail.get("problems") if isinstance(detail, dict) else None
+    text = f"error: {response.status_code}: " + ("\n  " + "\n  ".join(problems) if problems else str(detail))
+    step = NEXT_STEPS.get(response.status_code)
+    return text + (f"\nnext: {step.format(retry=response.headers.get('Retry-After', 'a few'))}" if step else "")
 
 
 def request(method: str, path: str, **kwargs) -> httpx.Response:
@@ -40,19 +76,22 @@ def request(method: str, path: str, **kwargs) -> httpx.Response:
         with client() as c:
             response = c.request(method, path, **kwargs)
     except httpx.TransportError as e:
-        typer.echo(f"error: the service is not reachable: {e}", err=True)
+        typer.echo(f"error: the service at {service_url()} is not reachable ({e})\n"
+                   "next: start one with `raysft serve`, or set RAYSFT_URL to its address (a deployed one: "
+                   "`kubectl port-forward`, see docs/deploy.md)", err=True)
         raise typer.Exit(3) from None
     if response.status_code >= 400:
-        detail = response.json().get("detail") if "json" in response.headers.get("content-type", "") else response.text
-        problems = detail.get("problems") if isinstance(detail, dict) else None
-        typer.echo(f"error: {response.status_code}: " + ("\n  " + "\n  ".join(problems) if problems else str(detail)), err=True)
+        typer.echo(refusal(response), err=True)
         raise typer.Exit(2)
     return response
 
 
-@app.command()
-def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the service. With no Ray address configured, start a local Ray head and stop it on exit."""
+@app.command(epilog="Settings: RAYSFT_* environment variables (README, service/settings.py): RAYSFT_DATA_DIR, "
+                     "RAYSFT_DATABASE_URL, RAYSFT_RAY_ADDRESS or RAY_ADDRESS, RAYSFT_ADMIN_API_KEY, ...")
+def serve(host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000) -> None:
+    """Run the service (API and dashboard at /ui/). With no Ray address configured, start a local
+    Ray head and stop it on exit."""
     import uvicorn
 
     from service import local_ray
@@ -98,7 +137,7 @@ def ray_head(env_file: Annotated[Path, typer.Option(help="Where to write RAY_ADD
         head.stop()
 
 
-@app.command()
+@app.command(epilog=ENVIRONMENT)
 def submit(kind: Annotated[str, typer.Argument(help="dataset | training | pipeline")],
            spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="spec file (YAML or JSON)")],
            idempotency_key: Annotated[str | None, typer.Option(help="resubmitting with it returns the same job")] = None,
@@ -115,8 +154,11 @@ def submit(kind: Annotated[str, typer.Argument(help="dataset | training | pipeli
         wait(job["id"])
 
 
-@jobs_app.command("list")
-def list_jobs(kind: str | None = None, status: str | None = None, limit: int = 50) -> None:
+@jobs_app.command("list", epilog=ENVIRONMENT)
+def list_jobs(kind: Annotated[str | None, typer.Option(help="dataset | training | pipeline")] = None,
+              status: Annotated[str | None, typer.Option(help="QUEUED | RUNNING | SUCCEEDED | FAILED | CANCELLED | LOST")] = None,
+              limit: Annotated[int, typer.Option(help="How many, newest first (at most 500).")] = 50) -> None:
+    """List your tenant's jobs, newest first: id, kind, status, created."""
     params = {k: v for k, v in {"kind": kind, "status": status, "limit": limit}.items() if v is not None}
     page = request("GET", "/v1/jobs", params=params).json()
     for job in page["items"]:
@@ -124,13 +166,16 @@ def list_jobs(kind: str | None = None, status: str | None = None, limit: int = 5
     typer.echo(f"{len(page['items'])} of {page['total']}")
 
 
-@jobs_app.command()
-def get(job_id: str) -> None:
+@jobs_app.command(epilog=ENVIRONMENT)
+def get(job_id: JobId) -> None:
+    """Print a job as JSON: status, progress, latest metrics, artifacts, its spec."""
     typer.echo(json.dumps(request("GET", f"/v1/jobs/{job_id}").json(), indent=2))
 
 
-@jobs_app.command()
-def logs(job_id: str, follow: bool = False, tail: int = 1000) -> None:
+@jobs_app.command(epilog=ENVIRONMENT)
+def logs(job_id: JobId, follow: Annotated[bool, typer.Option(help="Keep printing until the job ends.")] = False,
+         tail: Annotated[int, typer.Option(help="Lines from the end (without --follow).")] = 1000) -> None:
+    """Print a job's Ray log (a pipeline's: its current job's)."""
     if not follow:
         typer.echo(request("GET", f"/v1/jobs/{job_id}/logs", params={"tail": tail}).text)
         return
@@ -140,13 +185,20 @@ def logs(job_id: str, follow: bool = False, tail: int = 1000) -> None:
             sys.stdout.flush()
 
 
-@jobs_app.command()
-def cancel(job_id: str) -> None:
+@jobs_app.command(epilog=ENVIRONMENT)
+def metrics(job_id: JobId) -> None:
+    """Print a training's (or a pipeline's) metric history as a table, one row per logged step."""
+    typer.echo(metrics_table(request("GET", f"/v1/jobs/{job_id}/metrics").json()))
+
+
+@jobs_app.command(epilog=ENVIRONMENT)
+def cancel(job_id: JobId) -> None:
+    """Stop a queued or running job (a pipeline: all of it); prints its status."""
     typer.echo(request("POST", f"/v1/jobs/{job_id}/cancel").json()["status"])
 
 
-@jobs_app.command()
-def wait(job_id: str, interval: float = 2.0) -> None:
+@jobs_app.command(epilog=ENVIRONMENT)
+def wait(job_id: JobId, interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 2.0) -> None:
     """Show progress until the job ends; exit 0 only if it SUCCEEDED."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -179,6 +231,64 @@ def result_summary(job: dict) -> str:
     for generation in metrics.get("generations", [])[:1]:
         lines.append(f"prompt: {generation['prompt']}\nanswer: {generation['answer']}")
     return "\n".join(lines)
+
+
+@tenants_app.command("create", epilog=ENVIRONMENT)
+def create_tenant(tenant: TenantId) -> None:
+    """Create a tenant; then give it a key with `raysft admin keys create TENANT`."""
+    typer.echo(request("POST", "/v1/admin/tenants", json={"id": tenant}).json()["id"])
+
+
+@tenants_app.command("list", epilog=ENVIRONMENT)
+def list_tenants() -> None:
+    """List tenants with their number of active keys."""
+    for tenant in request("GET", "/v1/admin/tenants").json():
+        typer.echo(f"{tenant['id']}  {tenant['active_keys']} active key(s)  created {tenant['created_at']}")
+
+
+@keys_app.command("create", epilog=ENVIRONMENT)
+def create_key(tenant: TenantId,
+               name: Annotated[str, typer.Option(help="What the key is for (a person, a CI system).")] = "") -> None:
+    """Create an API key for a tenant. The key is printed once, alone on stdout; it is stored
+    only hashed and cannot be shown again."""
+    created = request("POST", f"/v1/admin/tenants/{tenant}/keys", json={"name": name}).json()
+    typer.echo(f"key {created['id']} for tenant {tenant}: store it now, it is not shown again", err=True)
+    typer.echo(created["key"])
+
+
+@keys_app.command("list", epilog=ENVIRONMENT)
+def list_keys(tenant: TenantId) -> None:
+    """List a tenant's keys: id, first characters, name, created, last used, revoked."""
+    for key in request("GET", f"/v1/admin/tenants/{tenant}/keys").json():
+        state = f"revoked {key['revoked_at']}" if key["revoked_at"] else "active"
+        typer.echo(f"{key['id']}  {key['prefix']}…  {key['name'] or '-'}  created {key['created_at']}  "
+                   f"last used {key['last_used_at'] or 'never'}  {state}")
+
+
+@keys_app.command("revoke", epilog=ENVIRONMENT)
+def revoke_key(key_id: Annotated[str, typer.Argument(help="The key's id, as `raysft admin keys list` shows it.")]) -> None:
+    """Revoke a key: refused at once by the replica that answers, by every replica within the
+    service's key cache lifetime (RAYSFT_KEY_CACHE_TTL_S, 10 s by default)."""
+    typer.echo(f"revoked {request('DELETE', f'/v1/admin/keys/{key_id}').json()['revoked_at']}")
+
+
+METRIC_COLUMNS = {"step": "step", "loss": "loss", "lr": "lr", "grad_norm": "grad norm", "eval_loss": "eval loss",
+                  "perplexity": "perplexity", "token_accuracy": "token acc", "tokens_per_s": "tokens/s"}
+
+
+def metrics_table(history: list[dict]) -> str:
+    """The columns any entry has, in a fixed order; a blank where an entry lacks one (eval
+    metrics exist only at evaluations)."""
+    if not history:
+        return "no metrics yet"
+    columns = [c for c in METRIC_COLUMNS if any(c in entry for entry in history)]
+
+    def cell(value) -> str:
+        return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    rows = [[METRIC_COLUMNS[c] for c in columns]] + [[cell(e.get(c)) for c in columns] for e in history]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def main() -> None:

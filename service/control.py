@@ -36,7 +36,6 @@ from service.uris import UriPolicy
 
 log = logging.getLogger("raysft.service")
 LOG_COPY_BYTES = 4 << 20  # the tail of a job's log kept beside its outputs
-KNOWN_KEY_TTL_S = 60.0
 MAX_KNOWN_KEYS = 10_000
 # A slot frees when a job ends, and no Ray job starts and ends in much under this: clients told
 # to come back sooner only add load (in the soak test, 40 waiting clients sent 40 requests a
@@ -79,14 +78,15 @@ class Control:
                                 tuple(self.settings.shared_read_prefixes))
 
     def known_tenant(self, key: str) -> str | None:
-        """The tenant of an API key seen within the last minute; no database round trip."""
+        """The tenant of an API key looked up within `key_cache_ttl_s`; no database round trip."""
         tenant, expiry = self.known_keys.get(store.hash_key(key), (None, 0.0))
         return tenant if expiry > time.monotonic() else None
 
     def tenant_for_key(self, key: str) -> str | None:
-        """API key -> tenant. Known keys are remembered for a minute, so most requests skip that
-        database round trip (keys are only ever added). Unknown keys are looked up every time:
-        a flood of wrong keys cannot fill the memory."""
+        """API key -> tenant. Known keys are remembered for `key_cache_ttl_s`, so most requests
+        skip that database round trip, and a key revoked on another replica is refused here once
+        that time is up. Unknown keys are looked up every time: a flood of wrong keys cannot fill
+        the memory."""
         if (tenant := self.known_tenant(key)) is not None:
             return tenant
         digest = store.hash_key(key)
@@ -95,8 +95,16 @@ class Control:
         if tenant is not None:
             if len(self.known_keys) >= MAX_KNOWN_KEYS:
                 self.known_keys.clear()
-            self.known_keys[digest] = (tenant, time.monotonic() + KNOWN_KEY_TTL_S)
+            self.known_keys[digest] = (tenant, time.monotonic() + self.settings.key_cache_ttl_s)
         return tenant
+
+    def revoke_key(self, key_id: str) -> store.ApiKey | None:
+        """Revoke a key: refused here at once, by other replicas within `key_cache_ttl_s`."""
+        with self.sessions() as session:
+            row = store.revoke_api_key(session, key_id)
+            if row is not None:
+                self.known_keys.pop(row.key_hash, None)
+        return row
 
     # ------------------------------------------------------------ creating
 

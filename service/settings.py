@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     tenant_requests_per_s: float = Field(20.0, gt=0, description="Sustained requests per second per tenant "
                                          "(per replica); more get 429 with Retry-After.")
     tenant_request_burst: int = Field(40, ge=1, description="Requests a tenant may send at once after a quiet spell.")
+    key_cache_ttl_s: float = Field(10.0, ge=0, description="How long a replica remembers an API key it has "
+                                   "looked up: a revoked key is refused by every replica within this many seconds.")
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

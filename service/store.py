@@ -71,7 +71,12 @@ class ApiKey(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64), default="")
+    prefix: Mapped[str] = mapped_column(String(16), default="")  # the key's first characters, to tell keys apart
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    # Set when the key is looked up in the database: at most once per key cache lifetime per replica.
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Job(Base):
@@ -139,25 +144,67 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 # ---------------------------------------------------------------- tenants and keys
 
+# A tenant id names its storage prefix (`tenants/<id>/`) and appears in paths: lowercase DNS-label
+# characters only.
+TENANT_ID_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$"
+KEY_PREFIX_CHARS = 8
 
-def create_api_key(session: Session, tenant_id: str, key: str | None = None) -> str:
+
+class TenantExists(Exception):
+    pass
+
+
+def create_tenant(session: Session, tenant_id: str) -> Tenant:
+    """A new tenant, with no key yet. Raises TenantExists."""
+    if session.get(Tenant, tenant_id) is not None:
+        raise TenantExists(tenant_id)
+    tenant = Tenant(id=tenant_id)
+    session.add(tenant)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise TenantExists(tenant_id) from None
+    return tenant
+
+
+def create_api_key(session: Session, tenant_id: str, key: str | None = None, name: str = "") -> str:
     """Create the tenant if new and a key for it; returns the key (shown once, stored hashed)."""
     key = key or f"rsk_{secrets.token_urlsafe(32)}"
     try:
-        _add_key(session, tenant_id, key)
+        _add_key(session, tenant_id, key, name)
     except IntegrityError:
         session.rollback()  # a replica starting beside this one added the same rows first
-        _add_key(session, tenant_id, key)
+        _add_key(session, tenant_id, key, name)
     return key
 
 
-def _add_key(session: Session, tenant_id: str, key: str) -> None:
+def _add_key(session: Session, tenant_id: str, key: str, name: str) -> None:
     if session.get(Tenant, tenant_id) is None:
         session.add(Tenant(id=tenant_id))
     if session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key))) is None:
-        session.add(ApiKey(tenant_id=tenant_id, key_hash=hash_key(key)))
+        session.add(ApiKey(tenant_id=tenant_id, key_hash=hash_key(key), name=name, prefix=key[:KEY_PREFIX_CHARS]))
     session.commit()
 
 
+def api_key(session: Session, key: str) -> ApiKey | None:
+    return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+
+
+def revoke_api_key(session: Session, key_id: str) -> ApiKey | None:
+    """Revoke a key (once: a second revoke keeps the first time); None if there is no such key."""
+    row = session.get(ApiKey, key_id)
+    if row is not None and row.revoked_at is None:
+        row.revoked_at = now()
+        session.commit()
+    return row
+
+
 def tenant_for_key(session: Session, key: str) -> str | None:
-    return session.scalar(select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key)))
+    """The tenant of a key that is not revoked, recording its use."""
+    row = api_key(session, key)
+    if row is None or row.revoked_at is not None:
+        return None
+    row.last_used_at = now()
+    session.commit()
+    return row.tenant_id

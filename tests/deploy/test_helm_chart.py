@@ -91,11 +91,14 @@ def test_worker_group_min_above_max_is_refused_with_the_fix(tmp_path):
 # ------------------------------------------------------------------ what it renders
 
 
+CUSTOM_KINDS = {"RayCluster", "ServiceMonitor"}  # CRDs (KubeRay, Prometheus Operator): checked by their own tests
+
+
 def test_rendered_objects_are_valid_kubernetes(rendered):
     _, objects = rendered
     for obj in objects:
-        if obj["kind"] == "RayCluster":
-            continue  # a CRD: its pod templates are checked below
+        if obj["kind"] in CUSTOM_KINDS:
+            continue  # a RayCluster's pod templates are checked below
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
     for name, template in pod_templates(objects).items():
         pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
@@ -119,6 +122,8 @@ def test_every_pod_runs_restricted(rendered):
             assert security["allowPrivilegeEscalation"] is False, name
             assert security["readOnlyRootFilesystem"] is True, name
             assert security["capabilities"]["drop"] == ["ALL"], name
+            # The one capability a values file here gives back: IPC_LOCK, to a GPU group (RDMA).
+            assert set(security["capabilities"].get("add", [])) <= {"IPC_LOCK"}, name
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             assert mounts["/tmp"] in writable, name
             if name.startswith("RayCluster"):
@@ -196,6 +201,18 @@ def test_production_install_creates_no_secret_and_uses_the_named_ones():
     assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "raysft-ray-token"}
 
 
+def test_job_secrets_reach_every_ray_node_and_never_the_control_plane():
+    objects = render(CHART / "ci" / "worker-group-values.yaml")
+    pods = pod_templates(objects)
+    for name, template in pods.items():
+        (container,) = template["spec"]["containers"]
+        refs = [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e]
+        if name.startswith("RayCluster"):
+            assert {"raysft-s3", "raysft-hf-token", "raysft-tracking"} <= set(refs), name
+        else:
+            assert "raysft-hf-token" not in refs and "raysft-tracking" not in refs, name
+
+
 def test_every_referenced_secret_is_rendered_or_named_by_the_user(rendered):
     values, objects = rendered
     referenced = secret_refs(objects)
@@ -203,11 +220,69 @@ def test_every_referenced_secret_is_rendered_or_named_by_the_user(rendered):
     user_values = yaml.safe_load(values.read_text()) if values else {}
     named = set(filter(None, [user_values.get(k, {}).get("existingSecret") for k in ("apiKeys", "s3", "database")]))
     named |= set(filter(None, [user_values.get("ray", {}).get("auth", {}).get("existingSecret")]))
+    named |= set(user_values.get("ray", {}).get("jobSecrets", []))
+    named |= {e["secretRef"]["name"] for g in user_values.get("ray", {}).get("workerGroups", [])
+              for e in g.get("envFrom", []) if "secretRef" in e}
     database_secret_by_convention = {"rel-raysft-database"} if values is None else set()
     assert referenced <= created | named | database_secret_by_convention
 
 
 # ------------------------------------------------------------------ Ray and the network
+
+
+def test_a_worker_groups_own_options_reach_its_pods_and_no_other():
+    objects = render(CHART / "ci" / "worker-group-values.yaml")
+    (cluster,) = of_kind(objects, "RayCluster")
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    template = group["template"]
+    spec, (container,) = template["spec"], template["spec"]["containers"]
+    assert template["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "ml-team"
+    assert template["metadata"]["labels"]["app.kubernetes.io/component"] == "ray-worker"
+    assert template["metadata"]["annotations"] == {"example.com/cost-center": "research"}
+    assert spec["priorityClassName"] == "training-high"
+    assert spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NCCL_IB_DISABLE"] == "0" and env["HOME"] == "/tmp/home"  # its own beside the chart's
+    assert {"secretRef": {"name": "nccl-settings"}} in container["envFrom"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "hf-model-cache" and "shm" in volumes
+    assert {"name": "model-cache", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    # None of it leaks to the head or the control plane.
+    head = cluster["spec"]["headGroupSpec"]["template"]
+    (head_container,) = head["spec"]["containers"]
+    assert "priorityClassName" not in head["spec"] and "affinity" not in head["spec"]
+    assert "NCCL_IB_DISABLE" not in {e["name"] for e in head_container["env"]}
+    assert "IPC_LOCK" not in str(head_container["securityContext"]) and "kueue" not in str(head["metadata"])
+    # The defaults still render groups with none of these.
+    (default_cluster,) = of_kind(render(), "RayCluster")
+    for default_group in default_cluster["spec"]["workerGroupSpecs"]:
+        assert "priorityClassName" not in default_group["template"]["spec"]
+        assert "annotations" not in default_group["template"]["metadata"]
+
+
+@pytest.mark.parametrize(("group_extra", "expected"), [
+    ({"volumes": [{"name": "shm", "emptyDir": {}}]}, 'volume name "shm" is the chart\'s own (tmp, ray-logs, shm); rename it'),
+    ({"volumeMounts": [{"name": "cache", "mountPath": "/tmp/"}]}, "mountPath /tmp/ is the chart's own writable volume"),
+    ({"labels": {"app.kubernetes.io/component": "x"}}, "label app.kubernetes.io/component is set by the chart"),
+], ids=["volume-name", "mount-path", "chart-label"])
+def test_worker_group_options_that_would_break_the_pod_are_refused_with_the_fix(tmp_path, group_extra, expected):
+    group = {"name": "gpu", "minReplicas": 0, "maxReplicas": 1, "gpus": 1, "resources": {}} | group_extra
+    result = helm("template", "rel", str(CHART), extra={"ray": {"workerGroups": [group]}}, tmp=tmp_path)
+    assert result.returncode != 0 and f"ray.workerGroups[gpu]: {expected}" in result.stderr, result.stderr
+
+
+def test_the_service_monitor_scrapes_the_control_planes_metrics_port():
+    assert not of_kind(render(), "ServiceMonitor")  # off by default: the CRD may not exist
+    objects = render(CHART / "ci" / "worker-group-values.yaml")
+    (monitor,) = of_kind(objects, "ServiceMonitor")
+    (service,) = of_kind(objects, "Service")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {"port": "http", "path": "/metrics", "interval": "15s"}
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == ["ml"]  # the release's namespace
 
 
 def test_ray_cluster_uses_token_auth_the_chart_image_and_gpu_groups():

@@ -187,13 +187,16 @@ def test_service_killed_between_ray_submit_and_commit_adopts_the_ray_job(tmp_pat
         service.kill()
 
 
-def test_s3_secret_never_appears_in_api_responses_ray_metadata_or_logs(tmp_path, tiny_model, s3_server, monkeypatch):
-    """A canary secret access key, in the environment of the service and of every Ray process as
-    a deployment gives it, after a whole pipeline on S3: nowhere a user or Ray can read."""
+def test_secrets_never_appear_in_api_responses_ray_metadata_or_logs(tmp_path, tiny_model, s3_server, monkeypatch):
+    """Canary secrets (an S3 secret access key, a Hugging Face token), in the environment of the
+    service and of every Ray process as a deployment gives them (the chart's S3 Secret and
+    `ray.jobSecrets`), after a whole pipeline on S3: nowhere a user or Ray can read."""
     import boto3
 
     canary = f"CANARY{secrets.token_hex(12)}"
+    hf_canary = f"hf_CANARY{secrets.token_hex(12)}"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)
+    monkeypatch.setenv("HF_TOKEN", hf_canary)
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="raysft")
     s3.put_object(Bucket="raysft", Key="artifacts/tenants/admin/inputs/alpaca.jsonl",
@@ -202,7 +205,7 @@ def test_s3_secret_never_appears_in_api_responses_ray_metadata_or_logs(tmp_path,
     head = local_ray.start(num_cpus=4)  # inherits the canary, like a Ray node given the S3 Secret
     service = Service(data_dir, tiny_model, head, artifact_root="s3://raysft/artifacts", log_copy_interval_s=1)
     try:
-        assert service.env["AWS_SECRET_ACCESS_KEY"] == canary
+        assert service.env["AWS_SECRET_ACCESS_KEY"] == canary and service.env["HF_TOKEN"] == hf_canary
         body = {"dataset": dataset_body(data_dir, sources=[
                     {"uri": "s3://raysft/artifacts/tenants/admin/inputs/alpaca.jsonl", "format": "alpaca"}]),
                 "training": training_body(data_dir, max_steps=4, checkpoint={"every_steps": 4, "keep": 1},
@@ -216,6 +219,7 @@ def test_s3_secret_never_appears_in_api_responses_ray_metadata_or_logs(tmp_path,
                 response = service.http.get(f"/v1/jobs/{job_id}{path}")
                 assert response.status_code == 200
                 seen.append(response.text)
+        seen.append(service.http.get(f"/v1/jobs/{pipeline['id']}/dataset").text)  # the dashboard's report
         ray = httpx.Client(base_url=head.address, headers={"Authorization": f"Bearer {head.token}"})
         ray_jobs = ray.get("/api/jobs/").json()
         seen.append(json.dumps(ray_jobs))  # metadata, entrypoints, runtime envs
@@ -225,7 +229,8 @@ def test_s3_secret_never_appears_in_api_responses_ray_metadata_or_logs(tmp_path,
             seen.append(s3.get_object(Bucket="raysft", Key=key)["Body"].read().decode())
         seen.append(service.log.read_text())
         assert sum(len(text) for text in seen) > 10_000  # the logs and records were really read
-        leaks = [text[max(0, text.find(canary) - 200):text.find(canary) + 50] for text in seen if canary in text]
+        leaks = [text[max(0, text.find(c) - 200):text.find(c) + 50] for c in (canary, hf_canary) for text in seen
+                 if c in text]
         assert leaks == []
     finally:
         service.kill()

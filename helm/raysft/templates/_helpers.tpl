@@ -122,6 +122,22 @@ characters too. */}}
 {{- if gt (int .minReplicas) (int .maxReplicas) }}
 {{- fail (printf "ray.workerGroups[%s]: minReplicas (%d) is above maxReplicas (%d); raise maxReplicas" .name (int .minReplicas) (int .maxReplicas)) }}
 {{- end }}
+{{- $group := .name }}
+{{- range .volumes }}
+{{- if has .name (list "tmp" "ray-logs" "shm") }}
+{{- fail (printf "ray.workerGroups[%s]: volume name %q is the chart's own (tmp, ray-logs, shm); rename it" $group .name) }}
+{{- end }}
+{{- end }}
+{{- range .volumeMounts }}
+{{- if has (trimSuffix "/" .mountPath) (list "/tmp" "/tmp/ray" "/dev/shm") }}
+{{- fail (printf "ray.workerGroups[%s]: mountPath %s is the chart's own writable volume; mount elsewhere" $group .mountPath) }}
+{{- end }}
+{{- end }}
+{{- range $key, $_ := .labels }}
+{{- if or (hasPrefix "app.kubernetes.io/" $key) (hasPrefix "helm.sh/" $key) }}
+{{- fail (printf "ray.workerGroups[%s]: label %s is set by the chart; use a label of your own" $group $key) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
