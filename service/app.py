@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from service import admin_api, api, store
+from service import admin_api, api, files_api, store
 from service.control import Control
 from service.limits import TokenBuckets
 from service.ray_jobs import RayJobs
@@ -30,18 +30,23 @@ from service.settings import Settings, get_settings
 log = logging.getLogger("raysft.service")
 
 
+UPLOAD_PATH = "/v1/files"
+
+
 class BodyLimit:
     """413 for bodies over the limit, whether announced by Content-Length or streamed (FastAPI has
-    no limit of its own)."""
+    no limit of its own). Uploads have a limit of their own."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, upload_max_bytes: int):
+        self.app, self.max_bytes, self.upload_max_bytes = app, max_bytes, upload_max_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        upload = scope["method"] == "POST" and scope["path"] == UPLOAD_PATH
+        max_bytes = self.upload_max_bytes if upload else self.max_bytes
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):
             return await self._reject(send)
         seen = 0
 
@@ -49,8 +54,8 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
+            if seen > max_bytes:
+                raise _TooLarge  # an upload under way removes what it stored as this passes through
             return message
 
         try:
@@ -158,6 +163,7 @@ def create_app(settings: Settings | None = None, ray: RayJobs | None = None, rec
                   description="Supervised fine-tuning jobs on Ray: prepare datasets, train, run pipelines.")
     app.include_router(api.router)
     app.include_router(admin_api.router)
+    app.include_router(files_api.router)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -195,5 +201,5 @@ def create_app(settings: Settings | None = None, ray: RayJobs | None = None, rec
 
     app.state.request_rate = TokenBuckets(settings.tenant_requests_per_s, settings.tenant_request_burst)
     app.add_middleware(Observe, requests=requests, latency=latency)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_max_bytes=settings.max_upload_bytes)
     return app

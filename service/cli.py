@@ -3,6 +3,7 @@
     raysft serve                                   # embedded default: local Ray, SQLite, .raysft/
     raysft submit pipeline configs/pipelines/demo.yaml
     raysft jobs list | get ID | logs ID [--follow] | metrics ID | cancel ID | wait ID
+    raysft files upload PATH... | list | delete ID   # then `uri: file:<id>` in a dataset spec
     raysft admin tenants create|list · raysft admin keys create|list|revoke
 
 Clients read RAYSFT_URL (default http://127.0.0.1:8000) and RAYSFT_API_KEY. Exit codes: 0 done
@@ -31,6 +32,9 @@ ENVIRONMENT = (f"Environment: RAYSFT_URL, the service's address (default {DEFAUL
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n\n")[0], epilog=ENVIRONMENT)
 jobs_app = typer.Typer(no_args_is_help=True, help="List, inspect, follow and cancel jobs.", epilog=ENVIRONMENT)
 app.add_typer(jobs_app, name="jobs")
+files_app = typer.Typer(no_args_is_help=True, help="Upload, list and delete your tenant's files (dataset inputs).",
+                        epilog=ENVIRONMENT)
+app.add_typer(files_app, name="files")
 admin_app = typer.Typer(no_args_is_help=True, help="Tenants and their API keys (with an admin tenant's key).",
                         epilog=ENVIRONMENT)
 tenants_app = typer.Typer(no_args_is_help=True, help="Create and list tenants.", epilog=ENVIRONMENT)
@@ -231,6 +235,55 @@ def result_summary(job: dict) -> str:
     for generation in metrics.get("generations", [])[:1]:
         lines.append(f"prompt: {generation['prompt']}\nanswer: {generation['answer']}")
     return "\n".join(lines)
+
+
+class _Counted:
+    """A file read by the HTTP client, reporting each chunk to a progress bar."""
+
+    def __init__(self, file, advance):
+        self.file, self.advance = file, advance
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.advance(len(data))
+        return data
+
+    def __getattr__(self, name):  # fileno, seek, tell: how the client sizes the body
+        return getattr(self.file, name)
+
+
+@files_app.command(epilog=ENVIRONMENT)
+def upload(paths: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="Files to upload: JSONL, "
+                                                       "JSON, CSV, Parquet or text.")]) -> None:
+    """Upload files, each with a progress bar, streamed (never read whole). Prints each one's id:
+    name it in a dataset spec as `uri: file:<id>`."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    uploaded = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bar:
+        for path in paths:
+            task = bar.add_task(path.name, total=path.stat().st_size)
+            with path.open("rb") as f:
+                body = _Counted(f, lambda n, task=task: bar.advance(task, n))
+                uploaded.append((path, request("POST", "/v1/files", files={"file": (path.name, body)},
+                                               timeout=None).json()))
+    for path, created in uploaded:
+        typer.echo(f"{created['id']}  {created['bytes']} bytes  sha256 {created['sha256']}  {path}")
+
+
+@files_app.command("list", epilog=ENVIRONMENT)
+def list_files(limit: Annotated[int, typer.Option(help="How many, newest first (at most 500).")] = 50) -> None:
+    """List your tenant's files: id, bytes, uploaded, name."""
+    page = request("GET", "/v1/files", params={"limit": limit}).json()
+    for f in page["items"]:
+        typer.echo(f"{f['id']}  {f['bytes']:>12}  {f['created_at']}  {f['filename']}")
+    typer.echo(f"{len(page['items'])} of {page['total']}")
+
+
+@files_app.command(epilog=ENVIRONMENT)
+def delete(file_id: Annotated[str, typer.Argument(help="The file's id, as `upload` and `list` print it.")]) -> None:
+    """Delete a file. Jobs already submitted that have not read it yet will fail to."""
+    typer.echo(f"deleted {request('DELETE', f'/v1/files/{file_id}').json()['filename']}")
 
 
 @tenants_app.command("create", epilog=ENVIRONMENT)

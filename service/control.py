@@ -10,6 +10,7 @@ caches progress so GETs never wait on storage or Ray.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -138,8 +139,9 @@ class Control:
         return self.get(tenant, job.id)
 
     def _build(self, tenant: str, kind: Kind, body: dict[str, Any], job_id: str) -> dict[str, Any]:
+        files = functools.partial(self._file_uri, tenant)
         if kind is Kind.DATASET:
-            return specs.dataset_spec(body, self.policy, tenant, job_id).model_dump(mode="json")
+            return specs.dataset_spec(body, self.policy, tenant, job_id, files).model_dump(mode="json")
         if kind is Kind.TRAINING:
             spec = specs.training_spec(body, self.policy, tenant, job_id, lambda ref: self._dataset_output(tenant, ref),
                                        self.settings.trusted_remote_code_models)
@@ -148,12 +150,24 @@ class Control:
         problems = [f"{k}: required" for k in ("dataset", "training") if not isinstance(body.get(k), dict)]
         if problems:
             raise SpecError(problems)
-        dataset = self._prefixed("dataset", lambda: specs.dataset_spec(body["dataset"], self.policy, tenant, job_id))
+        dataset = self._prefixed("dataset", lambda: specs.dataset_spec(body["dataset"], self.policy, tenant, job_id,
+                                                                       files))
         training_body = {**body["training"], "datasets": [{"uri": dataset.output}]}
         training = self._prefixed("training", lambda: self._check_capacity(specs.training_spec(
             training_body, self.policy, tenant, job_id, lambda ref: self._dataset_output(tenant, ref),
             self.settings.trusted_remote_code_models)))
         return {"dataset": dataset.model_dump(mode="json"), "training": training.model_dump(mode="json")}
+
+    def file_directory(self, tenant: str, file_id: str) -> str:
+        """Where an uploaded file is stored: `tenants/<tenant>/files/<id>/`."""
+        return self.policy.resolve(f"{self.policy.tenant_root(tenant)}/files/{file_id}")
+
+    def _file_uri(self, tenant: str, file_id: str) -> str:
+        with self.sessions() as session:
+            row = store.tenant_file(session, tenant, file_id)
+        if row is None:
+            raise SpecError([f"no file {file_id} for this tenant: `raysft files list` shows yours"])
+        return row.uri
 
     def _check_capacity(self, spec: TrainingSpec) -> TrainingSpec:
         """Refuse now what the cluster can never run, instead of leaving it pending forever."""

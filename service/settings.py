@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     trusted_remote_code_models: list[str] = Field(default_factory=list, description="Model URIs allowed "
                                                   "trust_remote_code: true.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Request bodies above this get 413.")
+    max_upload_bytes: int = Field(10 << 30, ge=1024, description="Uploads (POST /v1/files) above this get 413.")
     reconcile_interval_s: float = Field(2.0, gt=0, description="How often job records are checked against Ray.")
     ray_unreachable_lost_s: float = Field(120.0, ge=0, description="How long Ray may be unreachable before "
                                           "its running jobs are marked LOST.")

@@ -14,21 +14,39 @@ from jobs.train.spec import TrainingSpec
 from service.uris import UriPolicy
 
 JOB_REF = "job:"  # a training dataset named by the id of the dataset job that prepared it
+FILE_REF = "file:"  # a dataset source named by the id of an uploaded file (POST /v1/files)
 
 
 def job_dir(policy: UriPolicy, tenant: str, job_id: str) -> str:
     return f"{policy.tenant_root(tenant)}/jobs/{job_id}"
 
 
-def dataset_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: str) -> DatasetSpec:
-    """`output` defaults to the job's own directory under the tenant's prefix."""
+def dataset_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: str,
+                 file_uri: Callable[[str], str]) -> DatasetSpec:
+    """`output` defaults to the job's own directory under the tenant's prefix; a source
+    `uri: file:<id>` becomes that uploaded file's stored URI (`file_uri` raises SpecError when
+    the tenant has no such file)."""
     body = {**body, "output": body.get("output") or f"{job_dir(policy, tenant, job_id)}/dataset"}
-    spec = validate(DatasetSpec, body)
+    problems: list[str] = []
+    if isinstance(body.get("sources"), list):
+        sources = []
+        for i, source in enumerate(body["sources"]):
+            if isinstance(source, dict) and str(source.get("uri", "")).startswith(FILE_REF):
+                try:
+                    source = {**source, "uri": file_uri(source["uri"][len(FILE_REF):])}
+                except SpecError as e:
+                    problems.extend(f"sources.{i}.uri: {p}" for p in e.problems)
+            sources.append(source)
+        body["sources"] = sources
+    try:
+        spec = validate(DatasetSpec, body)
+    except SpecError as e:
+        raise SpecError(problems + e.problems) from None
     spec = spec.model_copy(update={
         "sources": [s.model_copy(update={"uri": policy.resolve(s.uri)}) for s in spec.sources],
         "tokenizer": policy.resolve(spec.tokenizer), "output": policy.resolve(spec.output)})
-    problems = [f"sources.{i}.uri: {p}" for i, s in enumerate(spec.sources)
-                if (p := policy.check(s.uri, tenant, write=False))]
+    problems += [f"sources.{i}.uri: {p}" for i, s in enumerate(spec.sources)
+                 if (p := policy.check(s.uri, tenant, write=False))]
     if p := policy.check(spec.tokenizer, tenant, write=False):
         problems.append(f"tokenizer: {p}")
     if p := policy.check(spec.output, tenant, write=True):

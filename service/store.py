@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, String, Text, UniqueConstraint, create_engine, select
+from sqlalchemy import JSON, BigInteger, DateTime, Enum, ForeignKey, String, Text, UniqueConstraint, create_engine, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -77,6 +77,20 @@ class ApiKey(Base):
     # Set when the key is looked up in the database: at most once per key cache lifetime per replica.
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class File(Base):
+    """An uploaded file, stored at `uri` under its tenant's prefix. The row is added only once the
+    whole file is stored, so an interrupted upload leaves nothing registered."""
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    uri: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
 class Job(Base):
@@ -208,3 +222,12 @@ def tenant_for_key(session: Session, key: str) -> str | None:
     row.last_used_at = now()
     session.commit()
     return row.tenant_id
+
+
+# ---------------------------------------------------------------- files
+
+
+def tenant_file(session: Session, tenant_id: str, file_id: str) -> File | None:
+    """A tenant's file; another tenant's is None, like a missing one."""
+    row = session.get(File, file_id)
+    return row if row is not None and row.tenant_id == tenant_id else None

@@ -1,5 +1,5 @@
 """End to end: the service under uvicorn on loopback, a real local
-Ray head with token auth, real HTTP. A pipeline on the scaffold model succeeds while its progress
+Ray head with token auth, real HTTP. A pipeline on the scaffold model, one input uploaded, succeeds while its progress
 is seen to grow; cancel stops the Ray job; a service restart mid-job keeps and reconciles the
 record; a Ray restart mid-job ends it LOST with the reason."""
 
@@ -39,8 +39,10 @@ def test_pipeline_runs_to_success_and_survives_a_service_restart(service, tmp_pa
     inputs.mkdir(parents=True)
     # A file whose name is shell syntax: it must be read as a name, never run.
     (inputs / "$(touch pwned).jsonl").write_bytes((REPO / "configs/data/messages.jsonl").read_bytes())
-    (inputs / "alpaca.jsonl").write_bytes((REPO / "configs/data/alpaca.jsonl").read_bytes())
-    body = {"dataset": dataset_body(data_dir, sources=[{"uri": str(inputs / "alpaca.jsonl"), "format": "alpaca"},
+    # The other input is uploaded, as a user without access to the artifact store gets data in.
+    with (REPO / "configs/data/alpaca.jsonl").open("rb") as f:
+        uploaded = service.http.post("/v1/files", files={"file": ("alpaca.jsonl", f)}).json()
+    body = {"dataset": dataset_body(data_dir, sources=[{"uri": f"file:{uploaded['id']}", "format": "alpaca"},
                                                         {"uri": str(inputs / "$(touch pwned).jsonl"), "format": "messages"}]),
             "training": training_body(data_dir, eval={"every_steps": 6, "prompts": ["How long should I rest a steak?"],
                                                       "max_new_tokens": 8})}

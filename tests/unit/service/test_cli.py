@@ -139,3 +139,22 @@ def test_an_admin_creates_a_tenant_and_a_key_lists_and_revokes_it(service, monke
     monkeypatch.setenv("RAYSFT_API_KEY", ADMIN_KEY)
     duplicate = run("admin", "tenants", "create", "globex")
     assert duplicate.exit_code == 2 and "error: 409: tenant globex exists" in duplicate.output
+
+
+def test_files_upload_with_progress_list_and_delete(service, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(b'{"instruction": "Say hi", "output": "Hi!"}\n' * 2000)
+    other = tmp_path / "more.jsonl"
+    other.write_bytes(b'{"instruction": "Say bye", "output": "Bye!"}\n' * 10)
+    uploaded = run("files", "upload", str(data), str(other))
+    assert uploaded.exit_code == 0, uploaded.output
+    lines = [line.split() for line in uploaded.stdout.splitlines() if "sha256" in line]
+    ids = [line[0] for line in lines]
+    assert [line[-1] for line in lines] == [str(data), str(other)] and lines[0][1] == str(data.stat().st_size)
+    listed = run("files", "list")
+    assert all(i in listed.output for i in ids) and "2 of 2" in listed.output
+    [stored] = Path(service.state.control.file_directory("acme", ids[0])).glob("*")
+    assert stored.read_bytes() == data.read_bytes()  # streamed whole into the tenant's prefix
+    assert run("files", "delete", ids[0]).exit_code == 0
+    assert "1 of 1" in run("files", "list").output
+    assert run("files", "upload", str(tmp_path / "missing.jsonl")).exit_code == 2  # typer: no such file
