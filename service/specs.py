@@ -21,23 +21,31 @@ def job_dir(policy: UriPolicy, tenant: str, job_id: str) -> str:
     return f"{policy.tenant_root(tenant)}/jobs/{job_id}"
 
 
+def resolve_refs(body: dict[str, Any], field: str, prefix: str, resolve: Callable[[str], str]) -> list[str]:
+    """Replace, in place, each `body[field][i].uri` that is `<prefix><id>` with `resolve(id)`;
+    returns the problems of those `resolve` refused (SpecError), with their field paths."""
+    problems: list[str] = []
+    if not isinstance(body.get(field), list):
+        return problems
+    items = []
+    for i, item in enumerate(body[field]):
+        if isinstance(item, dict) and str(item.get("uri", "")).startswith(prefix):
+            try:
+                item = {**item, "uri": resolve(item["uri"][len(prefix):])}
+            except SpecError as e:
+                problems.extend(f"{field}.{i}.uri: {p}" for p in e.problems)
+        items.append(item)
+    body[field] = items
+    return problems
+
+
 def dataset_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: str,
                  file_uri: Callable[[str], str]) -> DatasetSpec:
     """`output` defaults to the job's own directory under the tenant's prefix; a source
     `uri: file:<id>` becomes that uploaded file's stored URI (`file_uri` raises SpecError when
     the tenant has no such file)."""
     body = {**body, "output": body.get("output") or f"{job_dir(policy, tenant, job_id)}/dataset"}
-    problems: list[str] = []
-    if isinstance(body.get("sources"), list):
-        sources = []
-        for i, source in enumerate(body["sources"]):
-            if isinstance(source, dict) and str(source.get("uri", "")).startswith(FILE_REF):
-                try:
-                    source = {**source, "uri": file_uri(source["uri"][len(FILE_REF):])}
-                except SpecError as e:
-                    problems.extend(f"sources.{i}.uri: {p}" for p in e.problems)
-            sources.append(source)
-        body["sources"] = sources
+    problems = resolve_refs(body, "sources", FILE_REF, file_uri)
     try:
         spec = validate(DatasetSpec, body)
     except SpecError as e:
@@ -65,17 +73,7 @@ def training_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: 
     checkpoint = dict(body.get("checkpoint") or {})
     checkpoint.setdefault("storage", f"{job_dir(policy, tenant, job_id)}/checkpoints")
     body["checkpoint"] = checkpoint
-    problems: list[str] = []
-    datasets = []
-    for i, ref in enumerate(body.get("datasets") or []):
-        if isinstance(ref, dict) and str(ref.get("uri", "")).startswith(JOB_REF):
-            try:
-                ref = {**ref, "uri": dataset_output(ref["uri"][len(JOB_REF):])}
-            except SpecError as e:
-                problems.extend(f"datasets.{i}.uri: {p}" for p in e.problems)
-        datasets.append(ref)
-    if "datasets" in body:
-        body["datasets"] = datasets
+    problems = resolve_refs(body, "datasets", JOB_REF, dataset_output)
     try:
         spec = validate(TrainingSpec, body)
     except SpecError as e:

@@ -39,6 +39,7 @@ from jobs.train.export import export
 from jobs.train.metrics_log import MetricsLog
 from jobs.train.packed_batch import collate, micro_batch_loss, trained_tokens
 from jobs.train.spec import Attention, Method, TrainingSpec, torch_dtype
+from jobs.train.tracking import Trackers
 
 # ---------------------------------------------------------------- setup
 
@@ -218,7 +219,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resumed from step {position.global_step} (epoch {position.epoch}, "
                   f"micro-batch {position.cursor}) after {position.failures} failure(s)", flush=True)
-    log = MetricsLog(config["run_uri"], position.global_step) if rank == 0 else None
+    log = MetricsLog(config["run_uri"], position.global_step,
+                     trackers=Trackers(spec, config["run_uri"])) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     validation = ValidationRows(ray.train.get_dataset_shard("val") if config["has_val"] else None, spec, pad_id)
 
@@ -265,7 +267,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     # Cleanup: rank 0 turns the final checkpoint into models ready to serve.
     if rank == 0:
-        log.flush()
+        log.close()
         export(ray.train.get_checkpoint(), spec, config["stop_ids"], pad_id, model_dir,
                run_layout.export_uri(config["run_uri"]))
     shutil.rmtree(scratch, ignore_errors=True)

@@ -3,7 +3,7 @@
 The control plane and people read it while the run goes on. Object stores cannot append, so the
 file is rewritten whole: at most every `interval_s`, and whenever an entry is marked important
 (evaluations, checkpoints, the end). On resume, entries after the resumed step are dropped, since
-those steps run again.
+those steps run again. Each entry also goes to the run's experiment trackers (`jobs.train.tracking`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from jobs.common import run_layout, storage
+from jobs.train.tracking import Trackers
 
 
 class MetricsLog:
-    def __init__(self, run_uri: str, resume_step: int, interval_s: float = 10.0):
+    def __init__(self, run_uri: str, resume_step: int, interval_s: float = 10.0, trackers: Trackers | None = None):
         self.fs, self.path = storage.filesystem(run_layout.metrics_uri(run_uri))
         self.interval_s = interval_s
+        self.trackers = trackers
         self.entries = [e for e in self._read() if e.get("step", 0) <= resume_step]
         self.written_at: float | None = None  # never: the first entry is written at once
 
@@ -32,6 +34,8 @@ class MetricsLog:
 
     def add(self, entry: dict[str, Any], important: bool = False) -> None:
         self.entries.append(entry | {"time": round(time.time(), 3)})
+        if self.trackers is not None:
+            self.trackers.log(self.entries[-1])
         if important or self.written_at is None or time.monotonic() - self.written_at >= self.interval_s:
             self.flush()
 
@@ -39,3 +43,11 @@ class MetricsLog:
         data = "".join(json.dumps(e) + "\n" for e in self.entries).encode()
         storage.write_bytes(self.fs, self.path, data)
         self.written_at = time.monotonic()
+        if self.trackers is not None:
+            self.trackers.flush()
+
+    def close(self) -> None:
+        """The last write, and the trackers' runs ended."""
+        self.flush()
+        if self.trackers is not None:
+            self.trackers.close()

@@ -1,7 +1,7 @@
 """Before any worker starts: the spec against this cluster, and the datasets against the model.
 
 Each check reports every problem at once, with what to change. `check_environment` refuses
-GPU-only features where there is no GPU; `check_datasets` refuses a dataset that did not
+GPU-only features where there is no GPU, and trackers the image or the nodes cannot serve; `check_datasets` refuses a dataset that did not
 succeed or was tokenized by another tokenizer than the model's (SHA-256 over its files);
 `preflight` runs both and refuses `resume: none` for a name that already has checkpoints.
 """
@@ -9,12 +9,13 @@ succeed or was tokenized by another tokenizer than the model's (SHA-256 over its
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 
 from jobs.common import model_source, run_layout, storage, tokenizer_files
 from jobs.common.contract import Manifest, ManifestError, read_manifest
 from jobs.common.spec import SpecError
-from jobs.train.spec import RESUME_NONE, Attention, DType, Method, TrainingSpec
+from jobs.train.spec import RESUME_NONE, Attention, DType, Method, Tracker, TrainingSpec
 
 
 def module_installed(name: str) -> bool:
@@ -47,8 +48,28 @@ def check_environment(spec: TrainingSpec, cluster_gpus: float,
         if spec.model.attn_implementation is Attention.FLASH_ATTENTION_2 and not installed("flash_attn"):
             problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package "
                             "in the image (see the Dockerfile's GPU notes), or use sdpa")
+    problems += tracking_problems(spec, installed, os.environ)
     if problems:
         raise SpecError(problems)
+
+
+def tracking_problems(spec: TrainingSpec, installed: Callable[[str], bool], env: Mapping[str, str]) -> list[str]:
+    """Trackers this image or the nodes' environment cannot serve, found before any step runs."""
+    problems = []
+    wanted = set(spec.tracking.report_to)
+    if Tracker.MLFLOW in wanted:
+        if not installed("mlflow"):
+            problems.append("tracking.report_to: mlflow needs mlflow-skinny in the image (pip install mlflow-skinny)")
+        if not env.get("MLFLOW_TRACKING_URI") and storage.is_remote(spec.run_uri):
+            problems.append("tracking.report_to: mlflow with no MLFLOW_TRACKING_URI on the nodes writes a SQLite store "
+                            "beside the run, which needs a local checkpoint.storage: ask the operator for an MLflow server")
+    if Tracker.WANDB in wanted:
+        if not installed("wandb"):
+            problems.append("tracking.report_to: wandb needs the wandb package in the image (pip install raysft[wandb])")
+        if not env.get("WANDB_API_KEY") and env.get("WANDB_MODE") not in ("offline", "disabled"):
+            problems.append("tracking.report_to: wandb needs WANDB_API_KEY on the nodes (the operator's secret: the "
+                            "chart's ray.jobSecrets), or WANDB_MODE=offline")
+    return problems
 
 
 def check_datasets(spec: TrainingSpec) -> list[Manifest]:

@@ -162,6 +162,19 @@ class EvalSpec(SpecModel):
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
 
 
+class Tracker(StrEnum):
+    MLFLOW = "mlflow"
+    TENSORBOARD = "tensorboard"
+    WANDB = "wandb"  # pip install raysft[wandb]
+
+
+class TrackingSpec(SpecModel):
+    """Trackers that get each logged step's metrics and the spec, from rank 0; where they report and with which credentials is the nodes' environment, never the spec."""  # noqa: E501
+
+    report_to: list[Tracker] = Field(default_factory=list, description="mlflow | tensorboard | wandb.")
+    project: str = Field("raysft", min_length=1, max_length=128, description="MLflow experiment / W&B project.")
+
+
 class ExportSpec(SpecModel):
     """What the job leaves ready to serve."""
 
@@ -190,6 +203,7 @@ class TrainingSpec(SpecModel):
     checkpoint: CheckpointSpec = Field(description="Checkpoint storage and resume.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation.")
     export: ExportSpec = Field(default_factory=ExportSpec, description="Export.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the latest checkpoint.")
 
     @model_validator(mode="after")
@@ -215,7 +229,7 @@ def load_training_spec(spec: str | Path | dict[str, Any]) -> TrainingSpec:
 
 
 REFERENCE_MODELS = (TrainingSpec, ModelSpec, DatasetRef, LoraSpec, DeepSpeedStrategy, DdpStrategy, OptimSpec,
-                    BatchSpec, ScalingSpec, CheckpointSpec, EvalSpec, ExportSpec)
+                    BatchSpec, ScalingSpec, CheckpointSpec, EvalSpec, ExportSpec, TrackingSpec)
 
 if __name__ == "__main__":
     from jobs.common.spec import reference_markdown

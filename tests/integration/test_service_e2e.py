@@ -16,7 +16,7 @@ import httpx
 import pytest
 from support.service import ADMIN_KEY, REPO, Service, dataset_body, training_body
 
-from service import local_ray
+from service import local_ray, store
 
 pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
@@ -45,7 +45,8 @@ def test_pipeline_runs_to_success_and_survives_a_service_restart(service, tmp_pa
     body = {"dataset": dataset_body(data_dir, sources=[{"uri": f"file:{uploaded['id']}", "format": "alpaca"},
                                                         {"uri": str(inputs / "$(touch pwned).jsonl"), "format": "messages"}]),
             "training": training_body(data_dir, eval={"every_steps": 6, "prompts": ["How long should I rest a steak?"],
-                                                      "max_new_tokens": 8})}
+                                                      "max_new_tokens": 8},
+                                      tracking={"report_to": ["mlflow", "tensorboard"], "project": "e2e"})}
     created = service.http.post("/v1/pipelines", json=body)
     assert created.status_code == 202, created.text
     pipeline = created.json()
@@ -63,6 +64,22 @@ def test_pipeline_runs_to_success_and_survives_a_service_restart(service, tmp_pa
 
     history = service.http.get(f"/v1/jobs/{pipeline['id']}/metrics").json()
     assert [m["step"] for m in history][-1] == 12 and "eval_loss" in history[-1]
+    # The MLflow run (the local store beside the run) has exactly the history the API serves.
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=f"sqlite:///{Path(final['artifacts']['metrics']).parent / 'mlflow.db'}")
+    [run] = mlflow.search_runs([mlflow.get_experiment_by_name("e2e").experiment_id])
+    for key in ("loss", "lr", "eval_loss", "tokens_per_s"):
+        served = [(m["step"], m[key]) for m in history if key in m]
+        assert [(m.step, m.value) for m in mlflow.get_metric_history(run.info.run_id, key)] == served, key
+    assert run.info.status == "FINISHED" and run.data.params["method"] == "lora"
+    assert any((Path(final["artifacts"]["metrics"]).parent / "tensorboard").iterdir())
+    # Another tenant sees neither the upload nor the jobs.
+    with service.session() as session:
+        other = {"Authorization": f"Bearer {store.create_api_key(session, 'globex')}"}
+    assert service.http.get(f"/v1/files/{uploaded['id']}", headers=other).status_code == 404
+    assert service.http.get(f"/v1/jobs/{pipeline['id']}", headers=other).status_code == 404
+    assert service.http.get("/v1/files", headers=other).json()["total"] == 0
     assert history[-1]["generations"][0]["prompt"] == "How long should I rest a steak?"
     assert "training finished: step 12" in service.http.get(f"/v1/jobs/{training_id}/logs").text
     assert "succeeded" in service.http.get(f"/v1/jobs/{dataset_id}/logs").text

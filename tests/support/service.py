@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from service import local_ray
+from service import local_ray, store
 from service.ray_jobs import RayJob, RayUnavailable, UnknownToRay, entrypoint
 from service.settings import Settings
 from service.store import Status
@@ -125,6 +125,12 @@ class Service:
             except httpx.TransportError:
                 time.sleep(0.3)
         raise RuntimeError(self.log.read_text()[-3000:])
+
+    def session(self):
+        """A session on the service's database (SQLite in its data directory), for a test that adds
+        tenants, keys or rows directly."""
+        url = f"sqlite:///{Path(self.env['RAYSFT_DATA_DIR']).absolute() / 'raysft.db'}"
+        return store.session_factory(store.make_engine(url))()
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)

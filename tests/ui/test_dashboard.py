@@ -52,13 +52,8 @@ def service(tmp_path_factory, tiny_model, head):
 
 
 @pytest.fixture(scope="module")
-def sessions(service):
-    return store.session_factory(store.make_engine(f"sqlite:///{service.env['RAYSFT_DATA_DIR']}/raysft.db"))
-
-
-@pytest.fixture(scope="module")
-def keys(sessions):
-    with sessions() as session:
+def keys(service):
+    with service.session() as session:
         return {tenant: store.create_api_key(session, tenant) for tenant in ("acme", "globex", "bulk")}
 
 
@@ -193,9 +188,9 @@ def test_a_pipeline_is_watched_trained_cancelled_and_compared(visit, service, ke
     assert not [k for k in keys.values() if k in log]
 
 
-def test_a_thousand_jobs_page_server_side(visit, sessions, record_property):
+def test_a_thousand_jobs_page_server_side(visit, service, record_property):
     started = store.now()
-    with sessions() as session:
+    with service.session() as session:
         session.add_all(Job(tenant_id="bulk", kind=Kind.TRAINING if n % 4 else Kind.DATASET,
                             status=Status.FAILED if n % 10 == 0 else Status.SUCCEEDED,
                             spec={"name": f"run-{n:04d}"}, request_hash="0" * 64, submitted=True,
