@@ -42,7 +42,7 @@ router = APIRouter(prefix="/v1", responses=COMMON_RESPONSES)
 # stateful runs) follow them from the 202's `id`.
 JOB_LINKS = {name: {"operationId": operation, "parameters": {"job_id": "$response.body#/id"}}
              for name, operation in (("GetJob", "getJob"), ("JobLogs", "jobLogs"), ("JobMetrics", "jobMetrics"),
-                                     ("JobDataset", "jobDataset"), ("CancelJob", "cancelJob"))}
+                                     ("CancelJob", "cancelJob"))}
 CREATED = {202: {"description": "Accepted: the job is recorded and submitted", "links": JOB_LINKS}}
 SPEC_BODY_DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "additionalProperties": True}},

@@ -59,8 +59,14 @@ def register(control, tenant: str, file_id: str, stored: uploads.Stored) -> stor
     return row
 
 
+# OpenAPI links: what an upload leads to (schemathesis' stateful runs follow them).
+FILE_LINKS = {name: {"operationId": operation, "parameters": {"file_id": "$response.body#/id"}}
+              for name, operation in (("GetFile", "getFile"), ("DeleteFile", "deleteFile"))}
+
+
 @router.post("/files", status_code=status.HTTP_201_CREATED, response_model=FileOut, operation_id="uploadFile",
-             openapi_extra=UPLOAD_BODY, responses={413: {"model": Message, "description": "Over the upload limit"}})
+             openapi_extra=UPLOAD_BODY, responses={201: {"description": "Stored", "links": FILE_LINKS},
+                                                   413: {"model": Message, "description": "Over the upload limit"}})
 async def upload_file(request: Request, control: ControlDep, tenant: TenantDep) -> FileOut:
     """Upload a file (`multipart/form-data`, one part named `file`), at most
     `RAYSFT_MAX_UPLOAD_BYTES`. `curl -H "Authorization: Bearer $KEY" -F file=@data.jsonl .../v1/files`"""

@@ -207,15 +207,17 @@ def test_service_killed_between_ray_submit_and_commit_adopts_the_ray_job(tmp_pat
 
 
 def test_secrets_never_appear_in_api_responses_ray_metadata_or_logs(tmp_path, tiny_model, s3_server, monkeypatch):
-    """Canary secrets (an S3 secret access key, a Hugging Face token), in the environment of the
-    service and of every Ray process as a deployment gives them (the chart's S3 Secret and
-    `ray.jobSecrets`), after a whole pipeline on S3: nowhere a user or Ray can read."""
+    """Canary secrets (an S3 secret access key, Hugging Face, MLflow and W&B tokens), in the
+    environment of the service and of every Ray process as a deployment gives them (the chart's S3
+    Secret and `ray.jobSecrets`), after a whole pipeline on S3 that also writes TensorBoard event
+    files to the bucket: nowhere a user or Ray can read."""
     import boto3
 
     canary = f"CANARY{secrets.token_hex(12)}"
-    hf_canary = f"hf_CANARY{secrets.token_hex(12)}"
+    tokens = {name: f"CANARY{secrets.token_hex(12)}" for name in ("HF_TOKEN", "MLFLOW_TRACKING_TOKEN", "WANDB_API_KEY")}
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)
-    monkeypatch.setenv("HF_TOKEN", hf_canary)
+    for name, value in tokens.items():
+        monkeypatch.setenv(name, value)
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="raysft")
     s3.put_object(Bucket="raysft", Key="artifacts/tenants/admin/inputs/alpaca.jsonl",
@@ -224,11 +226,11 @@ def test_secrets_never_appear_in_api_responses_ray_metadata_or_logs(tmp_path, ti
     head = local_ray.start(num_cpus=4)  # inherits the canary, like a Ray node given the S3 Secret
     service = Service(data_dir, tiny_model, head, artifact_root="s3://raysft/artifacts", log_copy_interval_s=1)
     try:
-        assert service.env["AWS_SECRET_ACCESS_KEY"] == canary and service.env["HF_TOKEN"] == hf_canary
+        assert service.env["AWS_SECRET_ACCESS_KEY"] == canary and service.env["HF_TOKEN"] == tokens["HF_TOKEN"]
         body = {"dataset": dataset_body(data_dir, sources=[
                     {"uri": "s3://raysft/artifacts/tenants/admin/inputs/alpaca.jsonl", "format": "alpaca"}]),
                 "training": training_body(data_dir, max_steps=4, checkpoint={"every_steps": 4, "keep": 1},
-                                          eval={"every_steps": 4})}
+                                          eval={"every_steps": 4}, tracking={"report_to": ["tensorboard"]})}
         pipeline = service.http.post("/v1/pipelines", json=body).json()
         final = service.wait(pipeline["id"])[-1]
         assert final["status"] == "SUCCEEDED", final
@@ -244,12 +246,14 @@ def test_secrets_never_appear_in_api_responses_ray_metadata_or_logs(tmp_path, ti
         seen.append(json.dumps(ray_jobs))  # metadata, entrypoints, runtime envs
         seen += [ray.get(f"/api/jobs/{job['submission_id']}/logs").json()["logs"] for job in ray_jobs]
         stored = s3.list_objects_v2(Bucket="raysft", Prefix="artifacts/tenants/admin/jobs/")["Contents"]
-        for key in [o["Key"] for o in stored if o["Key"].endswith(("job.log", "spec.json", "manifest.json"))]:
-            seen.append(s3.get_object(Bucket="raysft", Key=key)["Body"].read().decode())
+        assert any("/tensorboard/events.out.tfevents." in o["Key"] for o in stored)  # copied to the bucket
+        for key in [o["Key"] for o in stored if o["Key"].endswith(("job.log", "spec.json", "manifest.json", "metrics.jsonl"))
+                    or "tfevents" in o["Key"]]:
+            seen.append(s3.get_object(Bucket="raysft", Key=key)["Body"].read().decode(errors="replace"))
         seen.append(service.log.read_text())
         assert sum(len(text) for text in seen) > 10_000  # the logs and records were really read
-        leaks = [text[max(0, text.find(c) - 200):text.find(c) + 50] for c in (canary, hf_canary) for text in seen
-                 if c in text]
+        leaks = [text[max(0, text.find(c) - 200):text.find(c) + 50] for c in (canary, *tokens.values())
+                 for text in seen if c in text]
         assert leaks == []
     finally:
         service.kill()
