@@ -111,6 +111,7 @@ class Control:
 
     def create(self, tenant: str, kind: Kind, body: dict[str, Any], idempotency_key: str | None) -> Job:
         """Validate, record, then submit. Raises SpecError (422) or Conflict (422)."""
+        idempotency_key = idempotency_key or None  # an empty header is no key (it would match only itself)
         digest = request_hash(kind, body)
         if idempotency_key and (existing := self._by_key(tenant, idempotency_key)) is not None:
             return self._same_request(existing, digest)

@@ -105,6 +105,13 @@ def test_same_idempotency_key_same_job_different_body_422(client, ray, data_dir)
     assert other.status_code == 422 and "different request body" in other.text
 
 
+def test_an_empty_idempotency_key_is_no_key(client, data_dir):
+    """Found by the stateful run: two requests with an empty key collided in the unique index."""
+    first, second = (client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client) | {"Idempotency-Key": ""})
+                     for _ in range(2))
+    assert first.status_code == second.status_code == 202 and first.json()["id"] != second.json()["id"]
+
+
 def test_concurrent_duplicates_create_exactly_one_ray_job(client, ray, data_dir):
     headers = auth(client) | {"Idempotency-Key": "burst"}
     with ThreadPoolExecutor(8) as pool:

@@ -1,7 +1,8 @@
 """Schemathesis runs over the service's OpenAPI schema (in process, real SQLite database, Ray
 stood in by `RecordingRay`): generated requests, authenticated and not, never get a 5xx, and
 responses match their schemas; and a stateful run follows the schema's links from a created job
-(submit → get → logs → metrics → cancel; tenant → key → revoke) with the same checks."""
+(submit → get → logs → metrics → cancel; tenant → key → revoke; upload → get → delete) with the
+same checks."""
 
 from __future__ import annotations
 
@@ -23,12 +24,16 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
 
+def unlimited_app(data_dir, tiny_model):
+    """No limits: a 429 that depends on the clock would make runs differ between replays."""
+    settings = service_settings(data_dir, tiny_model, tenant_requests_per_s=1e9, tenant_request_burst=10**9,
+                                tenant_max_active_jobs=10**9)
+    return create_app(settings, ray=RecordingRay(), reconcile=False)
+
+
 @pytest.fixture(scope="module")
 def app(data_dir, tiny_model):
-    # No limits: a 429 that depends on the clock would make runs differ between replays.
-    no_limits = service_settings(data_dir, tiny_model, tenant_requests_per_s=1e9, tenant_request_burst=10**9,
-                                tenant_max_active_jobs=10**9)
-    app = create_app(no_limits, ray=RecordingRay(), reconcile=False)
+    app = unlimited_app(data_dir, tiny_model)
     with TestClient(app):  # runs the lifespan: migrations, the bootstrap key, app.state
         yield app
 
@@ -37,7 +42,7 @@ def app(data_dir, tiny_model):
 def fresh_app(tmp_path, tiny_model):
     """An app of its own on an empty database (the module's app holds whatever earlier fuzzing
     created): with `derandomize` and a reset per scenario, a stateful run is the same every time."""
-    app = create_app(service_settings(tmp_path / "data", tiny_model), ray=RecordingRay(), reconcile=False)
+    app = unlimited_app(tmp_path / "data", tiny_model)
     with TestClient(app):
         yield app
 
@@ -128,3 +133,29 @@ def test_stateful_tenant_key_revoke(fresh_app):
                                    derandomize=True, suppress_health_check=list(HealthCheck)))
     assert {"POST /v1/admin/tenants 201", "POST /v1/admin/tenants/{tenant_id}/keys 201",
             "DELETE /v1/admin/keys/{key_id} 200"} <= calls.keys(), calls
+
+
+def test_stateful_upload_get_delete(fresh_app):
+    with fresh_app.state.control.sessions() as session:
+        key = store.create_api_key(session, "acme")
+    schema = schemathesis.openapi.from_asgi("/openapi.json", fresh_app).include(path_regex="^/v1/files")
+    calls: dict[str, int] = {}
+
+    class Workflow(schema.as_state_machine()):
+        def setup(self):
+            # Every scenario starts from no files, so a replayed scenario sees what it saw first.
+            with fresh_app.state.control.sessions() as session:
+                session.execute(delete(store.File))
+                session.commit()
+
+        def get_call_kwargs(self, case):
+            return {"headers": {"Authorization": f"Bearer {key}"}}
+
+        def validate_response(self, response, case, **kwargs):
+            call = f"{case.method} {case.path} {response.status_code}"
+            calls[call] = calls.get(call, 0) + 1
+            case.validate_response(response, checks=[not_a_server_error, response_schema_conformance])
+
+    Workflow.run(settings=settings(max_examples=20, stateful_step_count=4, deadline=None, database=None,
+                                   derandomize=True, suppress_health_check=list(HealthCheck)))
+    assert {"POST /v1/files 201", "GET /v1/files/{file_id} 200", "DELETE /v1/files/{file_id} 200"} <= calls.keys(), calls

@@ -6,6 +6,7 @@ step, with the fix."""
 from __future__ import annotations
 
 import struct
+import time
 
 import pytest
 from tensorboardX.proto.event_pb2 import Event
@@ -109,6 +110,8 @@ def wandb_history(run_file) -> list[dict]:
             at += block - at % block
             continue
         length, kind = struct.unpack_from("<HB", data, at + 4)
+        if at + 7 + length > len(data):
+            break  # a record still being written
         chunk, at = data[at + 7:at + 7 + length], at + 7 + length
         if kind in (1, 4):  # a whole record, or the last piece of one
             record = Record.FromString(pending + chunk)
@@ -131,6 +134,8 @@ def test_history_entries_reach_weights_and_biases_offline(tmp_path, monkeypatch)
         trackers.log(entry)
     trackers.close()
     [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    logged = wandb_history(run_file)
+    deadline = time.monotonic() + 30
+    while len(logged := wandb_history(run_file)) < len(HISTORY) and time.monotonic() < deadline:
+        time.sleep(0.2)  # W&B's core process may still be writing its log when `finish` returns
     assert [(h["_step"], h["loss"]) for h in logged] == [(2, 2.5), (4, 2.0), (6, 1.5)]
     assert logged[1]["eval_loss"] == 2.2 and "generations" not in logged[1] and "epoch" not in logged[1]
