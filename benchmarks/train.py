@@ -1,6 +1,6 @@
 """Benchmark of the training stage: `jobs.train` against a bare PyTorch loop, packed against padded.
 
-    python benchmarks/train.py [--steps 100] [--gpu-steps 30]
+    python benchmarks/train.py [--steps 100] [--gpu-steps 30] [--checkpoints 4] [--checkpoint-only]
 
 One run, one machine, the scaffold model and the demo data (each row repeated so no epoch ends
 inside the measurement), LoRA r=8, micro-batch 2 x accumulation 2, one thread per process:
@@ -10,6 +10,12 @@ inside the measurement), LoRA r=8, micro-batch 2 x accumulation 2, one thread pe
      data pipeline, rows already in memory), after the same warm-up;
   3. the bare loop on packed rows against one sample per row padded to the micro-batch's
      longest: real (non-padding) tokens/s.
+  4. seconds of training blocked per checkpoint, `checkpoint.upload: sync` against `async`: the
+     wall time of the loop's checkpoint call on rank 0 (writing the files locally, then reporting
+     them; the upload too when sync), which the loop logs as `checkpoint_blocked_s` in
+     metrics.jsonl. The CPU smoke run's shape (2 workers, ZeRO-2), checkpoints every 5 steps to a
+     moto S3 server on loopback, so an upload goes through the S3 API as on a cluster; the final
+     checkpoint always uploads before the export, so it is not counted.
 With a GPU it also measures a ~0.5B Qwen2-shaped model built from its config (random weights,
 bf16, synthetic packed rows of 2048 tokens), LoRA and full: tokens/s per GPU and MFU.
 The JSON it prints is what docs/benchmarks.md records.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -35,12 +42,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jobs import scaffold_model  # noqa: E402
-from jobs.common import tokenizer_files  # noqa: E402
+from jobs.common import run_layout, tokenizer_files  # noqa: E402
 from jobs.train.engines import lr_lambda  # noqa: E402
 from jobs.train.packed_batch import collate, micro_batch_loss, trained_tokens  # noqa: E402
 from jobs.train.spec import load_training_spec  # noqa: E402
 
 MICRO, ACCUM, REPEAT, LOG_EVERY = 2, 2, 8, 10
+CHECKPOINT_EVERY = 5
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
@@ -72,11 +80,15 @@ def training_spec(model: Path, prepared: Path, storage: Path, name: str, strateg
             "eval": {"every_steps": steps + LOG_EVERY}, "export": {"merge_lora": False}}
 
 
-def jobs_train(spec: dict, storage: Path) -> dict:
-    """Run jobs.train; trainable tokens/s over every logging window after the first."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def run_jobs_train(spec: dict, env: dict | None = None) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
     subprocess.run([sys.executable, "-m", "jobs.train", "--spec", json.dumps(spec)], cwd=REPO, env=env, check=True,
                    capture_output=True)
+
+
+def jobs_train(spec: dict, storage: Path) -> dict:
+    """Run jobs.train; trainable tokens/s over every logging window after the first."""
+    run_jobs_train(spec)
     windows = [json.loads(line) for line in (storage / spec["name"] / "metrics.jsonl").read_text().splitlines()][1:]
     seconds = sum(w["step_time_s"] * LOG_EVERY for w in windows)
     trainable = sum(w["trainable_tokens_per_s"] * w["step_time_s"] * LOG_EVERY for w in windows)
@@ -152,6 +164,58 @@ def cpu_benchmark(steps: int) -> dict:
     return results
 
 
+def checkpoint_spec(model: Path, prepared: Path, name: str, upload: str, checkpoints: int) -> dict:
+    """The CPU smoke run's shape; reports only at checkpoints, each more than Ray Train's 2 s poll
+    apart, so a sync report never waits for the previous one to be taken."""
+    steps = CHECKPOINT_EVERY * (checkpoints + 1)
+    return {"name": name, "model": {"uri": str(model), "dtype": "fp32"}, "datasets": [{"uri": str(prepared)}],
+            "method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "strategy": {"kind": "deepspeed", "zero_stage": 2}, "optim": {"lr": 0.01, "warmup_ratio": 0.0},
+            "batch": {"micro_batch_size": MICRO, "grad_accum": ACCUM}, "max_steps": steps, "log_every_steps": steps,
+            "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+            "checkpoint": {"storage": "s3://bench/runs", "every_steps": CHECKPOINT_EVERY, "keep": 2, "upload": upload},
+            "eval": {"every_steps": CHECKPOINT_EVERY}, "export": {"merge_lora": False}}
+
+
+def checkpoint_benchmark(checkpoints: int) -> dict:
+    """Seconds of training blocked per checkpoint (rank 0's `checkpoint_blocked_s`), sync against
+    async upload, to S3 on loopback."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_REGION": "us-east-1"}
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_REGION"],
+                      aws_access_key_id="bench", aws_secret_access_key="bench")
+    s3.create_bucket(Bucket="bench")
+    results: dict = {"workers": 2, "strategy": "deepspeed_zero2", "checkpoint_every_steps": CHECKPOINT_EVERY,
+                     "storage": "moto S3 server on loopback"}
+    try:
+        with tempfile.TemporaryDirectory(prefix="raysft-bench-") as tmp:
+            root = Path(tmp)
+            scaffold_model.scaffold(root / "model")
+            prepared = prepare(root / "model", root / "packed", "bfd")
+            for upload in ("sync", "async"):
+                name = f"ckpt-{upload}"
+                run_jobs_train(checkpoint_spec(root / "model", prepared, name, upload, checkpoints), env)
+                history = s3.get_object(Bucket="bench", Key=f"runs/{name}/metrics.jsonl")["Body"].read().decode()
+                blocked = [e["checkpoint_blocked_s"] for e in map(json.loads, history.splitlines())
+                           if "checkpoint_blocked_s" in e][:-1]  # the final one always uploads before the export
+                results[upload] = {"blocked_s_mean": round(sum(blocked) / len(blocked), 3),
+                                   "blocked_s": [round(b, 3) for b in blocked]}
+            final = f"runs/ckpt-async/{run_layout.checkpoint_dir_name(CHECKPOINT_EVERY * (checkpoints + 1))}/"
+            objects = s3.list_objects_v2(Bucket="bench", Prefix=final).get("Contents", [])
+            results["checkpoint_files"], results["checkpoint_bytes"] = len(objects), sum(o["Size"] for o in objects)
+    finally:
+        server.stop()
+    results["blocked_saved_s"] = round(results["sync"]["blocked_s_mean"] - results["async"]["blocked_s_mean"], 3)
+    return results
+
+
 def gpu_benchmark(steps: int) -> dict:
     """A ~0.5B Qwen2-shaped model from its config (random weights), bf16, packed rows of 2048."""
     from peft import LoraConfig, get_peft_model
@@ -203,8 +267,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="measured optimizer steps (after a warm-up window)")
     parser.add_argument("--gpu-steps", type=int, default=30)
+    parser.add_argument("--checkpoints", type=int, default=4, help="checkpoints measured per upload mode")
+    parser.add_argument("--checkpoint-only", action="store_true", help="measure only checkpoint blocking (~2 min)")
     args = parser.parse_args()
-    results = {"cpu": cpu_benchmark(args.steps)}
+    if args.checkpoint_only:
+        print(json.dumps({"checkpoint": checkpoint_benchmark(args.checkpoints)}, indent=2))
+        return 0
+    results = {"cpu": cpu_benchmark(args.steps), "checkpoint": checkpoint_benchmark(args.checkpoints)}
     results["gpu"] = gpu_benchmark(args.gpu_steps) if torch.cuda.is_available() else "skipped: no CUDA device"
     print(json.dumps(results, indent=2))
     return 0

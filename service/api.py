@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
@@ -55,6 +55,9 @@ class Progress(BaseModel):
     step: int | None = None
     total_steps: int | None = None
     rows: int | None = Field(None, description="Rows read by the preparation.")
+    reused: bool | None = Field(None, description="A preparation that found its output already prepared from "
+                                "the same spec, input files and tokenizer, and returned it instead of preparing "
+                                "again (submit with `force=true` to prepare again).")
     tokens_per_s: float | None = None
     trainable_tokens_per_s: float | None = None
     eta_s: float | None = Field(None, description="Seconds left at the current step time.")
@@ -97,9 +100,15 @@ def job_out(job: Job, children: list[Job] = ()) -> JobOut:
                   children=[c.id for c in children], spec=job.spec)
 
 
-def _create(control, tenant: str, kind: Kind, body: dict[str, Any], key: str | None) -> JobOut:
+# An output already prepared from the same spec, input files and tokenizer is reused (reported as
+# `progress.reused`): only an explicit `output` can name one, as a job's own directory is new.
+Force = Annotated[bool, Query(description="Prepare again even if the output was already prepared from the same spec, "
+                                          "input files and tokenizer (by default that output is reused).")]
+
+
+def _create(control, tenant: str, kind: Kind, body: dict[str, Any], key: str | None, force: bool = False) -> JobOut:
     try:
-        job = control.create(tenant, kind, body, key)
+        job = control.create(tenant, kind, body, key, force)
     except SpecError as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"problems": e.problems}) from None
     except Conflict as e:
@@ -113,8 +122,9 @@ def _create(control, tenant: str, kind: Kind, body: dict[str, Any], key: str | N
 @router.post("/datasets", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, openapi_extra=SPEC_BODY_DOC,
              responses=CREATED,
              summary="Prepare a dataset (runs jobs.prepare)")
-def create_dataset(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None) -> JobOut:
-    return _create(control, tenant, Kind.DATASET, body, key)
+def create_dataset(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None,
+                   force: Force = False) -> JobOut:
+    return _create(control, tenant, Kind.DATASET, body, key, force)
 
 
 @router.post("/trainings", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, openapi_extra=SPEC_BODY_DOC,
@@ -127,8 +137,9 @@ def create_training(control: ControlDep, tenant: TenantDep, body: SpecBody, key:
 @router.post("/pipelines", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, openapi_extra=SPEC_BODY_DOC,
              responses=CREATED,
              summary="Prepare, then train on the result: {dataset: ..., training: ...}")
-def create_pipeline(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None) -> JobOut:
-    return _create(control, tenant, Kind.PIPELINE, body, key)
+def create_pipeline(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None,
+                    force: Force = False) -> JobOut:
+    return _create(control, tenant, Kind.PIPELINE, body, key, force)
 
 
 @router.get("/jobs", response_model=JobPage)

@@ -145,14 +145,20 @@ def ray_head(env_file: Annotated[Path, typer.Option(help="Where to write RAY_ADD
 def submit(kind: Annotated[str, typer.Argument(help="dataset | training | pipeline")],
            spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="spec file (YAML or JSON)")],
            idempotency_key: Annotated[str | None, typer.Option(help="resubmitting with it returns the same job")] = None,
+           force: Annotated[bool, typer.Option(help="dataset or pipeline: prepare again even if its output was "
+                                               "prepared from the same spec, inputs and tokenizer")] = False,
            wait_: Annotated[bool, typer.Option("--wait", help="wait for the job to end")] = False) -> None:
     """Submit a spec; prints the job id."""
     if kind not in ("dataset", "training", "pipeline"):
         typer.echo("error: kind is dataset, training or pipeline", err=True)
         raise typer.Exit(2)
+    if force and kind == "training":
+        typer.echo("error: --force prepares a dataset again: it is for dataset and pipeline jobs", err=True)
+        raise typer.Exit(2)
     body = yaml.safe_load(spec.read_text())
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    job = request("POST", f"/v1/{kind}s", json=body, headers=headers).json()
+    params = {"force": "true"} if force else {}
+    job = request("POST", f"/v1/{kind}s", json=body, headers=headers, params=params).json()
     typer.echo(job["id"])
     if wait_:
         wait(job["id"])
@@ -226,6 +232,8 @@ def wait(job_id: JobId, interval: Annotated[float, typer.Option(help="Seconds be
 def result_summary(job: dict) -> str:
     """Final metrics, where the outputs are, and one generated answer."""
     lines = []
+    if job["progress"].get("reused"):
+        lines.append("dataset reused: already prepared from the same spec, inputs and tokenizer (--force prepares again)")
     metrics = job.get("metrics") or {}
     shown = {k: round(metrics[k], 4) for k in ("step", "loss", "eval_loss", "perplexity", "token_accuracy") if k in metrics}
     if shown:

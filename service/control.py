@@ -60,8 +60,9 @@ class TooManyJobs(Exception):
         self.retry_after_s = retry_after_s
 
 
-def request_hash(kind: Kind, body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps({"kind": kind.value, "body": body}, sort_keys=True).encode()).hexdigest()
+def request_hash(kind: Kind, body: dict[str, Any], force: bool = False) -> str:
+    request = {"kind": kind.value, "body": body} | ({"force": True} if force else {})  # hashes as before without it
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -109,10 +110,12 @@ class Control:
 
     # ------------------------------------------------------------ creating
 
-    def create(self, tenant: str, kind: Kind, body: dict[str, Any], idempotency_key: str | None) -> Job:
-        """Validate, record, then submit. Raises SpecError (422) or Conflict (422)."""
+    def create(self, tenant: str, kind: Kind, body: dict[str, Any], idempotency_key: str | None,
+               force: bool = False) -> Job:
+        """Validate, record, then submit. `force`: a dataset job or a pipeline's preparation
+        prepares again instead of reusing an earlier output. Raises SpecError (422) or Conflict (422)."""
         idempotency_key = idempotency_key or None  # an empty header is no key (it would match only itself)
-        digest = request_hash(kind, body)
+        digest = request_hash(kind, body, force)
         if idempotency_key and (existing := self._by_key(tenant, idempotency_key)) is not None:
             return self._same_request(existing, digest)
         if (active := self._active_jobs(tenant)) >= self.settings.tenant_max_active_jobs:
@@ -124,7 +127,8 @@ class Control:
         spec = self._build(tenant, kind, body, job_id)
         with self.sessions() as session:
             job = Job(id=job_id, tenant_id=tenant, kind=kind, status=Status.QUEUED, spec=spec, request_hash=digest,
-                      idempotency_key=idempotency_key, submission_id=f"raysft-{job_id}" if kind is not Kind.PIPELINE else None)
+                      idempotency_key=idempotency_key, force=force,
+                      submission_id=f"raysft-{job_id}" if kind is not Kind.PIPELINE else None)
             session.add(job)
             if kind is Kind.PIPELINE:
                 session.add(self._child(job, Kind.DATASET, spec["dataset"]))
@@ -194,7 +198,8 @@ class Control:
     def _child(self, parent: Job, kind: Kind, spec: dict[str, Any]) -> Job:
         child_id = new_id()
         return Job(id=child_id, tenant_id=parent.tenant_id, kind=kind, status=Status.QUEUED, spec=spec,
-                   request_hash=parent.request_hash, parent_id=parent.id, submission_id=f"raysft-{child_id}")
+                   request_hash=parent.request_hash, parent_id=parent.id, submission_id=f"raysft-{child_id}",
+                   force=parent.force and kind is Kind.DATASET)
 
     def _dataset_output(self, tenant: str, job_id: str) -> str:
         with self.sessions() as session:
@@ -242,7 +247,7 @@ class Control:
                 storage.write_bytes(fs, path, json.dumps(job.spec, indent=2).encode())
                 try:
                     self.ray.submit(job.kind, storage.absolute(uri), job.submission_id,
-                                    {"raysft_job_id": job.id, "raysft_tenant": job.tenant_id})
+                                    {"raysft_job_id": job.id, "raysft_tenant": job.tenant_id}, force=job.force)
                 except RayUnavailable as e:
                     log.warning("job %s not submitted yet: %s", job.id, e)
                     continue
@@ -330,7 +335,8 @@ class Control:
             if ray_job.status is Status.RUNNING and job.started_at is None:
                 job.started_at = now()
             if ray_job.status is not Status.QUEUED:
-                job.progress = job_outputs.read(job.kind.value, job.spec)
+                job.progress = job_outputs.read(job.kind.value, job.spec, job.created_at,
+                                                ray_job.status is Status.SUCCEEDED)
                 self._copy_log(job, last=ray_job.status.is_terminal)
             if (waited := self._waiting_s(job, ray_job.status)) > self.settings.start_deadline_s:
                 with contextlib.suppress(UnknownToRay):

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import posixpath
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from jobs.common import run_layout, storage
-from jobs.common.contract import MANIFEST_FILE, REJECTS_FILE, ManifestError, read_manifest
+from jobs.common.contract import MANIFEST_FILE, REJECTS_DIR, Manifest, ManifestError, read_manifest
 from jobs.train.spec import TrainingSpec
 
 
@@ -34,18 +35,33 @@ def metrics_history(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in storage.read_bytes(fs, path).decode().splitlines() if line.strip()]
 
 
-def dataset(spec: dict[str, Any]) -> dict[str, Any]:
+def written_before(manifest: Manifest, moment: datetime) -> bool:
+    """Whether a manifest was written before `moment` (a job's creation), so by an earlier job.
+    Its time is whole seconds, so `moment` is cut to seconds too: a manifest of the same second
+    counts as the job's own. (It is the clock of the node that wrote it: a cluster's clock
+    minutes behind the service's would pass a fresh output for a reused one.)"""
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment  # SQLite drops the zone
+    return datetime.fromisoformat(manifest.created_at) < moment.replace(microsecond=0)
+
+
+def dataset(spec: dict[str, Any], created_at: datetime, succeeded: bool) -> dict[str, Any]:
+    """A preparation's progress, from the manifest at its output. A manifest older than the job
+    is an earlier job's: the output reused (`reused`) once the job has succeeded without writing
+    another; until then it says nothing about this job, which may yet prepare again."""
     output = spec["output"]
     try:
         manifest = read_manifest(output)
     except (FileNotFoundError, ManifestError):
         return {"stage": "prepare", "artifacts": {}}
+    reused = written_before(manifest, created_at)
+    if reused and not succeeded:
+        return {"stage": "prepare", "artifacts": {}}
     counts = manifest.counts
-    return {"stage": "prepare", "percent": 100.0 if manifest.succeeded else None,
+    return {"stage": "prepare", "percent": 100.0 if manifest.succeeded else None, "reused": reused,
             "rows": counts.rows_read, "accepted": counts.accepted, "rejected": counts.rejected_total,
             "tokens": manifest.tokens.all, "packing_efficiency": manifest.packing.efficiency,
             "artifacts": {"dataset": output, "manifest": posixpath.join(output, MANIFEST_FILE),
-                          "rejects": posixpath.join(output, REJECTS_FILE)}}
+                          "rejects": posixpath.join(output, REJECTS_DIR)}}
 
 
 REJECT_EXAMPLES = 3  # raw rows shown per reject reason
@@ -54,27 +70,36 @@ RAW_CHARS = 2000  # of each raw row shown
 
 
 def reject_examples(output: str, reasons: set[str]) -> dict[str, list[dict[str, Any]]]:
-    """The first few rejected rows of each reason, read from the start of the rejects file until
-    every reason has its share or `REJECTS_SCAN_BYTES` are read (the file can be far larger)."""
-    fs, path = storage.filesystem(posixpath.join(output, REJECTS_FILE))
+    """The first few rejected rows of each reason, read from the start of the rejects files (one
+    per input file, in name order) until every reason has its share or `REJECTS_SCAN_BYTES` are
+    read (the files can be far larger)."""
+    fs, directory = storage.filesystem(posixpath.join(output, REJECTS_DIR))
     examples: dict[str, list[dict[str, Any]]] = {}
     try:
-        stream = fs.open_input_stream(path)
+        parts = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(directory)) if i.path.endswith(".jsonl"))
     except FileNotFoundError:
         return examples
-    with stream:
-        pending, read = b"", 0
-        while read < REJECTS_SCAN_BYTES and any(len(examples.get(r, ())) < REJECT_EXAMPLES for r in reasons):
-            chunk = stream.read(1 << 20)
-            if not chunk:
-                break
-            read += len(chunk)
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                record = json.loads(line)
-                shown = examples.setdefault(record["reason"], [])
-                if len(shown) < REJECT_EXAMPLES:
-                    shown.append(record | {"raw": (record.get("raw") or "")[:RAW_CHARS]})
+    read = 0
+
+    def wanted() -> bool:
+        return read < REJECTS_SCAN_BYTES and any(len(examples.get(r, ())) < REJECT_EXAMPLES for r in reasons)
+
+    for path in parts:
+        if not wanted():
+            break
+        with fs.open_input_stream(path) as stream:
+            pending = b""
+            while wanted():
+                chunk = stream.read(1 << 20)
+                if not chunk:
+                    break
+                read += len(chunk)
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    record = json.loads(line)
+                    shown = examples.setdefault(record["reason"], [])
+                    if len(shown) < REJECT_EXAMPLES:
+                        shown.append(record | {"raw": (record.get("raw") or "")[:RAW_CHARS]})
     return examples
 
 
@@ -113,8 +138,10 @@ def training(spec: dict[str, Any]) -> dict[str, Any]:
             "metrics": last, "artifacts": artifacts}
 
 
-def read(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return dataset(spec) if kind == "dataset" else training(spec)
+def read(kind: str, spec: dict[str, Any], created_at: datetime, succeeded: bool) -> dict[str, Any]:
+    """A job's progress from its outputs; `created_at` and `succeeded` (its Ray job's status) tell
+    a preparation's own manifest from an earlier one (`dataset`)."""
+    return dataset(spec, created_at, succeeded) if kind == "dataset" else training(spec)
 
 
 def pipeline(dataset_progress: dict[str, Any], training_progress: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The only place the service talks to Ray: its Job Submission API.
 
-Entrypoints are constants. The spec never enters the command line: the service writes it to a
+Entrypoints are constants (a preparation may add the constant `--force`). The spec never enters
+the command line: the service writes it to a
 file under the tenant's prefix and the command names that file, a path the service built from
 its own identifiers (and quotes anyway). No `runtime_env` is ever sent: the cluster runs the
 image's code and environment, so a job cannot install packages, set environment variables or
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from service.store import Kind, Status
 
 ENTRYPOINTS = {Kind.DATASET: "python -m jobs.prepare --spec {spec}", Kind.TRAINING: "python -m jobs.train --spec {spec}"}
+FORCE = " --force"  # the one flag a request may add, to a preparation: prepare again, reuse nothing
 # Ray's job statuses, as the database records them.
 STATUSES = {"PENDING": Status.QUEUED, "RUNNING": Status.RUNNING, "SUCCEEDED": Status.SUCCEEDED,
             "FAILED": Status.FAILED, "STOPPED": Status.CANCELLED}
@@ -42,8 +44,8 @@ class RayJob:
     message: str
 
 
-def entrypoint(kind: Kind, spec_uri: str) -> str:
-    return ENTRYPOINTS[kind].format(spec=shlex.quote(spec_uri))
+def entrypoint(kind: Kind, spec_uri: str, force: bool = False) -> str:
+    return ENTRYPOINTS[kind].format(spec=shlex.quote(spec_uri)) + (FORCE if force else "")
 
 
 class RayJobs:
@@ -78,11 +80,12 @@ class RayJobs:
             self._client = None  # reconnect next time (the head may have restarted)
             raise RayUnavailable(f"Ray at {self.address}: {text[:300]}") from e
 
-    def submit(self, kind: Kind, spec_uri: str, submission_id: str, metadata: dict[str, str]) -> None:
+    def submit(self, kind: Kind, spec_uri: str, submission_id: str, metadata: dict[str, str],
+               force: bool = False) -> None:
         """Submit once: a second submit of the same id (a retry, a restart between submit and
         commit) finds the first and adopts it."""
         with contextlib.suppress(AlreadySubmitted):
-            self._call("submit_job", entrypoint=entrypoint(kind, spec_uri), submission_id=submission_id,
+            self._call("submit_job", entrypoint=entrypoint(kind, spec_uri, force), submission_id=submission_id,
                        metadata=metadata)
 
     def status(self, submission_id: str) -> RayJob:

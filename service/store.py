@@ -109,6 +109,9 @@ class Job(Base):
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     submission_id: Mapped[str | None] = mapped_column(String(64), unique=True)  # the Ray job's
     submitted: Mapped[bool] = mapped_column(default=False)  # Ray has accepted it
+    # A dataset job (or a pipeline's preparation) that prepares again instead of reusing an
+    # earlier output of the same spec, inputs and tokenizer: `python -m jobs.prepare --force`.
+    force: Mapped[bool] = mapped_column(default=False)
     error: Mapped[str | None] = mapped_column(Text)
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # cached by the reconcile loop
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, index=True)

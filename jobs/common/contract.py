@@ -2,7 +2,7 @@
 read. A prepared dataset is a directory:
 
     train/part-*.parquet, val/part-*.parquet   TOKEN_COLUMNS, one packed row each
-    rejects/rejects.jsonl                      every rejected row with its reason
+    rejects/part-*.jsonl                       every rejected row with its reason, per input file
     DATA_CARD.md                               for people
     manifest.json                              `Manifest`, written last: its presence marks a complete output
 
@@ -25,7 +25,7 @@ TOKEN_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lens")
 SPLITS = ("train", "val")
 MANIFEST_FILE = "manifest.json"
 DATA_CARD_FILE = "DATA_CARD.md"
-REJECTS_FILE = "rejects/rejects.jsonl"
+REJECTS_DIR = "rejects"  # part-NNNNN.jsonl per input file with rejects; in name order: (source, file, line)
 MANIFEST_VERSION = 2  # 2: typed, with the serving chat template
 
 
@@ -110,6 +110,9 @@ class Manifest(_Part):
     # A few rendered samples, split where training starts and stops: what the data card and the
     # dashboard show. Empty for a failed preparation (and in manifests written before it existed).
     examples: list[list[Segment]] = []
+    # What `jobs.prepare.cache` reuses this output by: the spec, the input files and the tokenizer
+    # it was prepared from. None in manifests written before the cache, which are never reused.
+    cache_key: str | None = None
 
     @property
     def succeeded(self) -> bool:

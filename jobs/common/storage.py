@@ -37,24 +37,24 @@ def absolute(uri: str) -> str:
     return uri if is_remote(uri) else os.path.abspath(uri)
 
 
-def expand(uri: str) -> tuple[pafs.FileSystem, list[str]]:
-    """Files named by `uri`: one file, every file under a directory, or a glob; sorted."""
+def expand(uri: str) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    """Files named by `uri`: one file, every file under a directory, or a glob; sorted by path.
+    Their size and modification time come from the listing itself: no request per file."""
     fs, path = filesystem(uri)
     if not is_remote(uri):
         if any(c in path for c in GLOB_CHARS):
-            return fs, sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+            return fs, fs.get_file_info(sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p)))
     pattern = path if any(c in path for c in GLOB_CHARS) else None
     base = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0] if pattern else path
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.File:
-        return fs, [base]
+        return fs, [info]
     if info.type != pafs.FileType.Directory:
         return fs, []
-    files = [i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-             if i.type == pafs.FileType.File]
+    files = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True)) if i.type == pafs.FileType.File]
     if pattern:
-        files = [f for f in files if fnmatch.fnmatch(f, pattern)]
-    return fs, sorted(f for f in files if not posixpath.basename(f).startswith((".", "_")))
+        files = [f for f in files if fnmatch.fnmatch(f.path, pattern)]
+    return fs, sorted((f for f in files if not posixpath.basename(f.path).startswith((".", "_"))), key=lambda f: f.path)
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
@@ -66,6 +66,12 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def delete_file(fs: pafs.FileSystem, path: str) -> None:
+    """Remove a file if it exists."""
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
 
 
 def clear_dir(fs: pafs.FileSystem, path: str) -> None:

@@ -3,6 +3,9 @@
     python -m jobs.prepare --spec configs/datasets/demo.yaml
     ray job submit -- python -m jobs.prepare --spec '{"name": ...}'
 
+An output whose manifest records the same spec, input files (size and modification time) and
+tokenizer is reused as it is (`jobs.prepare.cache`); `--force` prepares it again.
+
 Exit codes: 0 done, 1 too many invalid rows (max_reject_ratio), 2 invalid spec.
 """
 
@@ -25,13 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
     parser.add_argument("--batch-size", type=int, default=Options.batch_size, help="rows per tokenizer call")
     parser.add_argument("--blocks", type=int, default=None, help="repartition parsed rows into N blocks before tokenizing")
-    parser.add_argument("--rows-per-file", type=int, default=Options.rows_per_file, help="Parquet rows per file")
     parser.add_argument("--in-process-max-bytes", type=int, default=Options.in_process_max_bytes,
                         help="inputs up to this size skip Ray Data and run in this process (0: always Ray Data)")
+    parser.add_argument("--force", action="store_true",
+                        help="prepare again even if the output was prepared from the same spec, input files and "
+                             "tokenizer (by default that output is reused)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     options = Options(num_cpus=args.num_cpus, batch_size=args.batch_size, blocks=args.blocks,
-                      rows_per_file=args.rows_per_file, in_process_max_bytes=args.in_process_max_bytes)
+                      in_process_max_bytes=args.in_process_max_bytes,
+                      force=args.force)
     try:
         manifest = prepare(load_spec(args.spec), options)
     except SpecError as e:

@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from jobs.common import tokenizer_files
 from jobs.common.contract import IGNORE_INDEX, SPLITS, TOKEN_COLUMNS, Manifest, Segment
 from jobs.prepare.inputs import Inputs
-from jobs.prepare.packing import fill_ratio
-from jobs.prepare.selection import Selection
+from jobs.prepare.selection import Tally
 from jobs.prepare.spec import DatasetSpec, TemplateName
 
 LIBRARIES = ("raysft", "ray", "transformers", "tokenizers", "pyarrow", "jinja2")
@@ -36,12 +36,20 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def percentiles(lengths: list[int]) -> dict[str, int]:
-    if not lengths:
+def percentiles(histogram: np.ndarray) -> dict[str, int]:
+    """p50/p90/p99/min/max of the values a histogram counts (`histogram[v]`: how many are v), as
+    `np.percentile(..., method="nearest")` gives them over the values themselves."""
+    n = int(histogram.sum())
+    if not n:
         return {}
-    arr = np.asarray(lengths)
-    return {f"p{q}": int(np.percentile(arr, q, method="nearest")) for q in (50, 90, 99)} | {
-        "min": int(arr.min()), "max": int(arr.max())}
+    cumulative = np.cumsum(histogram)
+
+    def value_at(rank: int) -> int:  # the rank-th smallest value, from 0
+        return int(np.searchsorted(cumulative, rank, side="right"))
+
+    present = np.flatnonzero(histogram)
+    return {f"p{q}": value_at(int(np.around(q / 100 * (n - 1)))) for q in (50, 90, 99)} | {
+        "min": int(present[0]), "max": int(present[-1])}
 
 
 def invalid_count(rejected: Counter) -> int:
@@ -56,14 +64,15 @@ def created_at() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def build(spec: DatasetSpec, inputs: Inputs, rows_read: int, skipped: dict[int, int], sel: Selection,
-          rejected: Counter, packed: dict[str, list[dict[str, np.ndarray]]], files: list[str], failed: bool,
-          seconds: float, examples: Sequence[list[Segment]] = ()) -> Manifest:
-    """The manifest of a run, from what each step produced."""
-    all_tokens = {s: int(sum(len(r["input_ids"]) for r in packed[s])) for s in SPLITS}
-    trainable = {s: int(sum(int((r["labels"] != IGNORE_INDEX).sum()) for r in packed[s])) for s in SPLITS}
-    zero_rows = sum(1 for s in SPLITS for r in packed[s] if not (r["labels"] != IGNORE_INDEX).any())
-    row_lengths = [len(r["input_ids"]) for s in SPLITS for r in packed[s]]
+def build(spec: DatasetSpec, inputs: Inputs, rows_read: int, skipped: dict[int, int], totals: Tally,
+          parts: pa.Table, failed: bool, seconds: float, examples: Sequence[list[Segment]] = (),
+          cache_key: str | None = None) -> Manifest:
+    """The manifest of a run, from the summed summaries and the files written (`outputs.PARTS_SCHEMA`)."""
+    def per_split(column: str) -> dict[str, int]:
+        return {s: int(sum(n for split, n in zip(parts.column("split").to_pylist(), parts.column(column).to_pylist(),
+                                                 strict=True) if split == s)) for s in SPLITS}
+
+    tokens, trainable, rows = per_split("tokens"), per_split("trainable"), per_split("rows")
     return Manifest(
         status="failed" if failed else "succeeded",
         name=spec.name,
@@ -79,28 +88,28 @@ def build(spec: DatasetSpec, inputs: Inputs, rows_read: int, skipped: dict[int, 
         counts={
             "rows_read": rows_read,
             "rows_beyond_max_samples": {spec.sources[i].uri: n for i, n in skipped.items()},
-            "accepted": sel.accepted,
-            "rejected": dict(sorted(rejected.items())),
-            "rejected_total": sum(rejected.values()),
-            "invalid": invalid_count(rejected),
-            "duplicates": rejected.get("duplicate", 0),
-            "truncated": sel.truncated,
-            "dropped": sum(n for r, n in rejected.items() if r.startswith(("too_long", "no_trainable"))),
-            "samples": {s: len(sel.samples[s]) for s in SPLITS},
+            "accepted": totals.accepted,
+            "rejected": dict(sorted(totals.rejected.items())),
+            "rejected_total": sum(totals.rejected.values()),
+            "invalid": invalid_count(totals.rejected),
+            "duplicates": totals.rejected.get("duplicate", 0),
+            "truncated": totals.truncated,
+            "dropped": sum(n for r, n in totals.rejected.items() if r.startswith(("too_long", "no_trainable"))),
+            "samples": {s: totals.samples.get(s, 0) for s in SPLITS},
         },
-        tokens={"all": sum(all_tokens.values()), "trainable": sum(trainable.values()),
-                "by_split": {s: {"all": all_tokens[s], "trainable": trainable[s]} for s in SPLITS}},
-        zero_trainable_rows=zero_rows,
-        sample_length=percentiles([len(ids) for s in SPLITS for ids, _ in sel.samples[s]]),
-        packing={"mode": spec.packing.value, "max_seq_length": spec.max_seq_length,
-                 "rows": {s: len(packed[s]) for s in SPLITS},
-                 "efficiency": fill_ratio(row_lengths, spec.max_seq_length)},
-        files=files,
+        tokens={"all": sum(tokens.values()), "trainable": sum(trainable.values()),
+                "by_split": {s: {"all": tokens[s], "trainable": trainable[s]} for s in SPLITS}},
+        zero_trainable_rows=int(sum(parts.column("zero_trainable_rows").to_pylist())),
+        sample_length=percentiles(totals.lengths),
+        packing={"mode": spec.packing.value, "max_seq_length": spec.max_seq_length, "rows": rows,
+                 "efficiency": sum(tokens.values()) / (sum(rows.values()) * spec.max_seq_length) if any(rows.values()) else 0.0},
+        files=parts.column("name").to_pylist(),
         columns=list(TOKEN_COLUMNS),
         seconds=round(seconds, 2),
         library_versions=library_versions(),
         created_at=created_at(),
         examples=list(examples),
+        cache_key=cache_key,
     )
 
 

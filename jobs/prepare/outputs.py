@@ -1,5 +1,9 @@
-"""Writing a prepared dataset: the packed splits as Parquet, the rejects, and the two examples the
-data card shows. The manifest (`jobs.prepare.manifest`) is written after these, last."""
+"""Pure (but for the writes): packing and writing a prepared dataset. Samples go to partitions of
+a split by a hash of their order (`emit_samples`); each partition is packed, assembled and
+written as one file by one task (`write_part`), the rejects per input file (`reject_rows`,
+`write_rejects`), in parallel on Ray or in turn in one process. Partition counts and file names
+depend only on the data, never on how it was batched or on the cluster.
+The manifest (`jobs.prepare.manifest`) is written after these, last."""
 
 from __future__ import annotations
 
@@ -9,51 +13,111 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.common import storage
-from jobs.common.contract import IGNORE_INDEX, REJECTS_FILE, TOKEN_COLUMNS
-from jobs.prepare.selection import Sample, Selection
-from jobs.prepare.spec import DatasetSpec
-from jobs.prepare.stages import list_array
+from jobs.common.contract import IGNORE_INDEX, REJECTS_DIR, SPLITS
+from jobs.prepare.packing import assemble_rows, layout
+from jobs.prepare.selection import file_of
+from jobs.prepare.stages import OK
+
+SPLIT_BITS = 32  # an output file's group: split index, then its partition
+# Samples of a split are packed in partitions of about this many tokens, each by one task and into
+# one Parquet file: the assembling task holds ~100 MB, and packing needs no list of every sample.
+TOKENS_PER_PARTITION = 8 << 20
 
 
-def write_split(fs: Any, base: str, split: str, packed: list[dict[str, np.ndarray]], rows_per_file: int) -> list[str]:
-    """`split/part-NNNNN.parquet` files of `rows_per_file` packed rows; returns their relative names."""
-    written = []
-    for n, start in enumerate(range(0, len(packed), rows_per_file)):
-        chunk = packed[start:start + rows_per_file]
-        table = pa.table({col: list_array([r[col] for r in chunk]) for col in TOKEN_COLUMNS})
-        name = f"{split}/part-{n:05d}.parquet"
-        fs.create_dir(posixpath.join(base, split), recursive=True)
-        pq.write_table(table, posixpath.join(base, name), filesystem=fs)
-        written.append(name)
-    return written
+def partition_counts(tokens: dict[str, int]) -> list[int]:
+    """Partitions per split: a function of the data alone, never of the cluster."""
+    return [max(1, -(-tokens[split] // TOKENS_PER_PARTITION)) for split in SPLITS]
 
 
-def reject_records(spec: DatasetSpec, rows: pa.Table, rejects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each reject with where it came from and its raw text, in (source, file, line) order."""
-    out = []
-    for r in rejects:
-        uid = r["uid"]
-        source = rows["source"][uid].as_py()
-        out.append({"source": spec.sources[source].uri, "path": rows["path"][uid].as_py(),
-                    "line": rows["line"][uid].as_py(), "reason": r["reason"], "detail": r["detail"],
-                    "raw": rows["raw"][uid].as_py()})
-    return out
+def partition_of(orders: np.ndarray, partitions: np.ndarray) -> np.ndarray:
+    """A row's partition: its order scrambled (Fibonacci hashing), so partitions mix every file."""
+    mixed = (orders.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(33)
+    return (mixed % partitions.astype(np.uint64)).astype(np.int64)
 
 
-def write_rejects(fs: Any, base: str, records: list[dict[str, Any]]) -> None:
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    storage.write_bytes(fs, posixpath.join(base, REJECTS_FILE), body.encode())
+SAMPLES_SCHEMA = pa.schema([("group", pa.int64()), ("order", pa.int64()),
+                            ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 
 
-def showcase(sel: Selection) -> list[Sample]:
-    """Two samples for the data card: those with the most trained runs (multi-turn shows best)."""
-    pool = (sel.samples["train"] + sel.samples["val"])[:2000]
+def emit_samples(decided: pa.Table, partitions: list[int]) -> pa.Table:
+    """Every accepted row as its samples (sampling-weight copies), each tagged with its output
+    file (`group`: split, partition)."""
+    accepted = decided.filter(pc.equal(decided.column("reason"), OK))
+    split = accepted.column("split").to_numpy(zero_copy_only=False).astype(np.int64)
+    orders = accepted.column("order").to_numpy()
+    copies = accepted.column("copies").to_numpy(zero_copy_only=False).astype(np.int64)
+    group = (split << SPLIT_BITS) | partition_of(orders, np.asarray(partitions)[split])
+    tokens = accepted.select(["input_ids", "labels"]).take(np.repeat(np.arange(accepted.num_rows), copies))
+    return pa.table({"group": np.repeat(group, copies), "order": np.repeat(orders, copies),
+                     "input_ids": tokens.column("input_ids"), "labels": tokens.column("labels")}, schema=SAMPLES_SCHEMA)
 
-    def turns(sample: Sample) -> int:
-        trained = sample[1] != IGNORE_INDEX
-        return int((trained[1:] & ~trained[:-1]).sum())
 
-    return sorted(pool, key=lambda s: (-turns(s), len(s[0])))[:2]
+def write_part(samples: pa.Table, fs: Any, base: str, bfd: bool, capacity: int) -> pa.Table:
+    """Pack one partition's samples (in order, best-fit-decreasing or one per row), assemble its
+    rows and write them as `split/part-NNNNN.parquet`."""
+    group = samples.column("group")[0].as_py()
+    split, part = SPLITS[group >> SPLIT_BITS], group & ((1 << SPLIT_BITS) - 1)
+    samples = samples.take(pc.sort_indices(samples, sort_keys=[("order", "ascending")]))
+    lengths = pc.list_value_length(samples.column("input_ids").combine_chunks()).to_numpy(zero_copy_only=False)
+    row, slot = layout(lengths, bfd, capacity)
+    table = assemble_rows(samples.append_column("row", pa.array(row)).append_column("slot", pa.array(slot)))
+    name = f"{split}/part-{part:05d}.parquet"
+    fs.create_dir(posixpath.join(base, split), recursive=True)
+    pq.write_table(table, posixpath.join(base, name), filesystem=fs)
+    return part_summary(split, name, table)
+
+
+PARTS_SCHEMA = pa.schema([("split", pa.string()), ("name", pa.string()), ("rows", pa.int64()),
+                          ("samples", pa.int64()), ("tokens", pa.int64()), ("trainable", pa.int64()),
+                          ("zero_trainable_rows", pa.int64())])
+
+
+def part_summary(split: str, name: str, rows: pa.Table) -> pa.Table:
+    """What the manifest needs of one file of packed rows."""
+    labels = rows.column("labels").combine_chunks()
+    trained = pc.list_flatten(labels).to_numpy() != IGNORE_INDEX
+    lengths = pc.list_value_length(labels).to_numpy(zero_copy_only=False).astype(np.int64)
+    per_row = np.add.reduceat(trained, np.cumsum(lengths) - lengths) if len(lengths) else np.zeros(0, np.int64)
+    samples = int(pc.sum(pc.list_value_length(rows.column("seq_lens").combine_chunks())).as_py() or 0)
+    return pa.table({"split": [split], "name": [name], "rows": [rows.num_rows], "samples": [samples],
+                     "tokens": [int(lengths.sum())], "trainable": [int(trained.sum())],
+                     "zero_trainable_rows": [int((per_row == 0).sum())]}, schema=PARTS_SCHEMA)
+
+
+REJECTS_SCHEMA = pa.schema([("file", pa.int64()), ("order", pa.int64()), ("source", pa.string()),
+                            ("path", pa.string()), ("line", pa.int64()), ("reason", pa.string()),
+                            ("detail", pa.string()), ("raw", pa.string())])
+
+
+def reject_rows(decided: pa.Table, uris: list[str]) -> pa.Table:
+    """Each rejected row with where it came from and its raw text."""
+    rows = decided.filter(pc.not_equal(decided.column("reason"), OK))
+    orders = rows.column("order").to_numpy().astype(np.int64)
+    return pa.table({"file": file_of(orders), "order": orders,
+                     "source": [uris[s] for s in rows.column("source").to_pylist()],
+                     **{c: rows.column(c) for c in ("path", "line", "reason", "detail", "raw")}}, schema=REJECTS_SCHEMA)
+
+
+REJECT_FILES_SCHEMA = pa.schema([("name", pa.string()), ("rows", pa.int64())])
+
+
+def write_rejects(rejects: pa.Table, fs: Any, base: str) -> pa.Table:
+    """The rejects of one input file, in line order, as `rejects/part-NNNNN.jsonl` (the file's
+    index): the parts in name order list every reject in (source, file, line) order."""
+    rejects = rejects.take(pc.sort_indices(rejects, sort_keys=[("order", "ascending")]))
+    fields = ("source", "path", "line", "reason", "detail", "raw")
+    body = "".join(json.dumps(dict(zip(fields, values, strict=True)), ensure_ascii=False) + "\n"
+                   for values in zip(*(rejects.column(f).to_pylist() for f in fields), strict=True))
+    name = f"{REJECTS_DIR}/part-{rejects.column('file')[0].as_py():05d}.jsonl"
+    storage.write_bytes(fs, posixpath.join(base, name), body.encode())
+    return pa.table({"name": [name], "rows": [rejects.num_rows]}, schema=REJECT_FILES_SCHEMA)
+
+
+def pick_rows(decided: pa.Table, orders: list[int]) -> pa.Table:
+    """The tokens of the rows with these orders (the data card's examples)."""
+    rows = decided.filter(pc.is_in(decided.column("order"), pa.array(orders, pa.int64())))
+    return rows.select(["order", "input_ids", "labels"])

@@ -18,19 +18,28 @@ import pyarrow as pa
 from jobs.prepare.filters import apply_filters, conversation_key
 from jobs.prepare.formats import RowReject, to_messages
 from jobs.prepare.labels import Tokenized, tokenize_rendered
+from jobs.prepare.packing import offsets_list
 from jobs.prepare.records import split_rows
 from jobs.prepare.spec import DatasetSpec, Source
 from jobs.prepare.templates import build_template, select_spans
 
 OK = ""  # the `reason` of a usable row
+ROW_BITS = 32  # rows per file < 2^32
 
 
-def parse_file(path: str, data: bytes, source_index: int, source: Source, spec: DatasetSpec) -> list[dict[str, Any]]:
-    """Every row of one file, normalised to messages or marked with its reject reason.
+def row_order(file_index: int, row: int) -> int:
+    """A row's place in (source, file, line) order, files numbered in (source, path) order."""
+    return (file_index << ROW_BITS) | row
+
+
+def parse_file(path: str, data: bytes, file_index: int, source_index: int, source: Source,
+               spec: DatasetSpec) -> list[dict[str, Any]]:
+    """Every row of one file, normalised to messages or marked with its reject reason, with its
+    `order` (`row_order`).
 
     With `max_samples`, rows past it in this file are not read: no later file can need them."""
     out = []
-    for row in itertools.islice(split_rows(path, data), source.max_samples):
+    for number, row in enumerate(itertools.islice(split_rows(path, data), source.max_samples)):
         messages_json, key, reason, detail = "", "", row.reason or OK, row.detail
         if row.record is not None:
             try:
@@ -40,7 +49,8 @@ def parse_file(path: str, data: bytes, source_index: int, source: Source, spec: 
                 key = conversation_key(messages)
             except RowReject as e:
                 reason, detail = e.reason, e.detail
-        out.append({"source": source_index, "path": path, "line": row.line, "raw": row.raw,
+        out.append({"source": source_index, "order": row_order(file_index, number), "path": path, "line": row.line,
+                    "raw": row.raw,
                     "messages": messages_json, "key": key, "reason": reason, "detail": detail})
     return out
 
@@ -116,6 +126,4 @@ def list_array(arrays: list[np.ndarray]) -> pa.Array:
     offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
     np.cumsum([len(a) for a in arrays], out=offsets[1:])
     values = pa.array((np.concatenate(arrays) if arrays else np.empty(0)).astype(np.int32, copy=False))
-    if offsets[-1] < 2**31:
-        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
-    return pa.LargeListArray.from_arrays(pa.array(offsets), values)  # past 2^31 values in one column
+    return offsets_list(offsets, values)

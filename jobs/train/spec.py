@@ -123,6 +123,11 @@ class ScalingSpec(SpecModel):
     gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu.")
 
 
+class CheckpointUpload(StrEnum):
+    ASYNC = "async"
+    SYNC = "sync"
+
+
 # `resume` values that name no checkpoint: the run's own latest, or the base model.
 RESUME_LATEST, RESUME_NONE = "latest", "none"
 RESUME_KEYWORDS = (RESUME_LATEST, RESUME_NONE)
@@ -134,6 +139,9 @@ class CheckpointSpec(SpecModel):
     storage: Uri = Field(description="Checkpoint root (local path or s3://); runs live under it by name.")
     every_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
     keep: int = Field(3, ge=1, description="Checkpoints kept: the best by eval loss plus the latest.")
+    upload: CheckpointUpload = Field(CheckpointUpload.ASYNC, description="`async`: training goes on while a "
+                                     "checkpoint uploads (it counts once uploaded, as always); `sync`: training waits "
+                                     "for each upload. The final checkpoint always uploads before the export.")
     resume: str = Field("latest", description="Where a new run starts: `latest` (this run's latest checkpoint, "
                         "if the name was run before), `none` (the base model; refused if the name has checkpoints) "
                         "or the URI of one checkpoint. A restarted worker group always continues from the "

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,11 @@ def read_split(output: Path | str, split: str, filesystem=None):
     import pyarrow.dataset as ds
 
     return ds.dataset(f"{output}/{split}", format="parquet", filesystem=filesystem).to_table()
+
+
+def read_rejects(output: Path) -> str:
+    """Every reject, the per-input-file parts in name order: (source, file, line) order."""
+    return "".join(p.read_text() for p in sorted((output / "rejects").glob("part-*.jsonl")))
 
 
 def check_rows(table, max_len: int) -> int:
@@ -68,7 +74,7 @@ def test_demo_end_to_end(ray_cluster, demo_spec, tiny_model, tmp_path):
         assert table.num_rows == manifest["packing"]["rows"][split]
         assert check_rows(table, 512) == c["samples"][split]
     assert c["samples"]["val"] > 0
-    rejects = (tmp_path / "out/rejects/rejects.jsonl").read_text().splitlines()
+    rejects = read_rejects(tmp_path / "out").splitlines()
     assert len(rejects) == c["rejected_total"]
     card = (tmp_path / "out/DATA_CARD.md").read_text()
     assert "⟦" in card and "<|im_end|>⟧" in card
@@ -100,7 +106,7 @@ def bad_input_spec(tiny_model, tmp_path, max_reject_ratio):
 
 def test_bad_input_loses_nothing(ray_cluster, tiny_model, tmp_path):
     manifest = prepare(load_spec(bad_input_spec(tiny_model, tmp_path, 1.0))).model_dump()
-    rejects = [json.loads(line) for line in (tmp_path / "out/rejects/rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in read_rejects(tmp_path / "out").splitlines()]
     expected = [(line, reason) for line, (_, reason) in enumerate(BAD_ROWS, start=1) if reason]
     assert [(r["line"], r["reason"]) for r in rejects] == expected
     assert all(r["raw"] and r["path"].endswith("bad.jsonl") for r in rejects)
@@ -114,7 +120,7 @@ def test_reject_ratio_fails_with_top_reasons(ray_cluster, tiny_model, tmp_path, 
     spec = json.dumps(bad_input_spec(tiny_model, tmp_path, 0.05))
     assert main(["--spec", spec]) == 1
     err = capsys.readouterr().err
-    assert "max_reject_ratio" in err and "Top reasons: wrong_type: 2" in err and "rejects.jsonl" in err
+    assert "max_reject_ratio" in err and "Top reasons: wrong_type: 2" in err and "/rejects/" in err
     assert json.loads((tmp_path / "out/manifest.json").read_text())["status"] == "failed"
     assert not (tmp_path / "out/train").exists()
 
@@ -150,14 +156,14 @@ def reference_run(demo_spec, tmp_path_factory):
 
 
 @pytest.mark.parametrize("args", [
-    (*RAY_DATA, "--num-cpus", "2", "--blocks", "7", "--batch-size", "16", "--rows-per-file", "50"),
+    (*RAY_DATA, "--num-cpus", "2", "--blocks", "7", "--batch-size", "16"),
     ("--batch-size", "16"),  # small inputs run in the driver process: the same output
 ], ids=["ray-data-2-cpus-7-blocks", "in-process"])
 def test_deterministic_across_cpus_block_sizes_and_executors(reference_run, demo_spec, tmp_path, args):
     proc = run_job(demo_spec(tmp_path / "out"), *args)
     assert ("Execution plan of Dataset" in proc.stderr) == ("--in-process-max-bytes" in args)
     # Every reject with its path, line and raw text (the data card names the output: not compared).
-    assert (reference_run / "rejects/rejects.jsonl").read_bytes() == (tmp_path / "out/rejects/rejects.jsonl").read_bytes()
+    assert read_rejects(reference_run) == read_rejects(tmp_path / "out")
     for split in ("train", "val"):
         a, b = read_split(reference_run, split), read_split(tmp_path / "out", split)
         for col in TOKEN_COLUMNS:
@@ -165,6 +171,30 @@ def test_deterministic_across_cpus_block_sizes_and_executors(reference_run, demo
             left = np.concatenate(a[col].to_numpy(zero_copy_only=False)).tobytes()
             right = np.concatenate(b[col].to_numpy(zero_copy_only=False)).tobytes()
             assert left == right
+
+
+def test_an_unchanged_preparation_is_reused_and_force_prepares_again(demo_spec, tmp_path, caplog, record_property):
+    spec = load_spec(demo_spec(tmp_path / "out"))
+    first = prepare(spec)
+    started = time.perf_counter()
+    with caplog.at_level("INFO", logger="raysft.prepare"):
+        again = prepare(spec)
+    reuse_s = time.perf_counter() - started
+    assert again == first and "reusing" in caplog.text and reuse_s < 2
+    record_property("cache_hit_s", round(reuse_s, 3))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="raysft.prepare"):
+        forced = prepare(spec, Options(force=True))
+        assert "reusing" not in caplog.text and forced.cache_key == first.cache_key
+        # An input rewritten (a newer modification time) is new data: prepared again.
+        source = Path(spec.sources[0].uri)
+        os.utime(source, (source.stat().st_atime, source.stat().st_mtime + 10))
+        try:
+            changed = prepare(spec)
+        finally:
+            os.utime(source, (source.stat().st_atime, source.stat().st_mtime - 10))
+    assert "reusing" not in caplog.text and changed.cache_key != first.cache_key
+    assert changed.counts == first.counts
 
 
 def test_a_small_preparation_never_imports_ray(demo_spec, tmp_path):
@@ -203,7 +233,9 @@ def test_s3_sources_tokenizer_and_output(s3_server, reference_run, demo_spec, ti
         remote = read_split("sft/prepared/demo", split, filesystem=fs)
         assert remote.select(TOKEN_COLUMNS).equals(read_split(reference_run, split).select(TOKEN_COLUMNS))
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="sft", Prefix="prepared/demo/")["Contents"]}
-    assert {"prepared/demo/DATA_CARD.md", "prepared/demo/rejects/rejects.jsonl"} <= keys
+    assert "prepared/demo/DATA_CARD.md" in keys
+    assert sorted(k for k in keys if k.endswith(".jsonl")) == sorted(f"prepared/demo/{p.relative_to(reference_run)}"
+                                                                for p in (reference_run / "rejects").iterdir())
 
 
 @pytest.mark.parametrize("name", ["alpaca-chatml", "multiturn-own-template"])

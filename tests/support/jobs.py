@@ -46,10 +46,10 @@ class Watched:
 
 
 def run_watching(spec: dict, on_line: Callable[[str, subprocess.Popen], bool] = lambda line, proc: True,
-                 timeout: float = 500) -> Watched:
-    """Run `jobs.train` in its own process group, calling `on_line(line, proc)` on each output line
-    until it returns True."""
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", "--spec", json.dumps(spec)], cwd=REPO, env=job_env(),
+                 timeout: float = 500, args: tuple[str, ...] = ()) -> Watched:
+    """Run `jobs.train` (with command-line `args`) in its own process group, calling
+    `on_line(line, proc)` on each output line until it returns True."""
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", "--spec", json.dumps(spec), *args], cwd=REPO, env=job_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline, lines, done = time.monotonic() + timeout, [], False
     assert proc.stdout is not None

@@ -35,11 +35,11 @@ class RecordingRay:
         self.submit_calls = 0
         self.down = False
 
-    def submit(self, kind, spec_uri, submission_id, metadata):
+    def submit(self, kind, spec_uri, submission_id, metadata, force=False):
         self.submit_calls += 1
         if self.down:
             raise RayUnavailable("connection refused")
-        self.jobs.setdefault(submission_id, {"entrypoint": entrypoint(kind, spec_uri), "metadata": metadata})
+        self.jobs.setdefault(submission_id, {"entrypoint": entrypoint(kind, spec_uri, force), "metadata": metadata})
 
     def status(self, submission_id):
         if self.down:

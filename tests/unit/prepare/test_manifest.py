@@ -1,18 +1,17 @@
 """Building the manifest from what each preparation step produced: every count and token total
-follows from the selection and the packed rows, and the result is the typed contract that
+follows from the summed summaries and the packed rows, and the result is the typed contract that
 training reads back."""
 
 from collections import Counter
 
 import numpy as np
 import pytest
+from support.prepared import build_manifest
 
 from jobs.common import tokenizer_files
 from jobs.common.contract import IGNORE_INDEX, parse_manifest
 from jobs.prepare import manifest as mf
 from jobs.prepare.inputs import Inputs
-from jobs.prepare.packing import pack_samples
-from jobs.prepare.selection import Selection
 from jobs.prepare.spec import DatasetSpec
 from jobs.prepare.templates import build_template
 
@@ -30,16 +29,12 @@ def built(tiny_model, tokenizer):
     files = tokenizer_files.fetch(str(tiny_model))
     inputs = Inputs(files, tokenizer, build_template(spec.template, tokenizer), files=[], total_bytes=0)
     samples = {"train": [sample(10, 4), sample(6, 6), sample(5, 2)], "val": [sample(4, 1)]}
-    sel = Selection(rejects=[{"uid": 4, "reason": "duplicate", "detail": ""},
-                             {"uid": 5, "reason": "too_long", "detail": ""}], samples=samples, accepted=4, truncated=1)
-    packed = {s: pack_samples(samples[s], bfd=True, capacity=16) for s in samples}
-    rejected = Counter(r["reason"] for r in sel.rejects)
-    manifest = mf.build(spec, inputs, rows_read=6, skipped={1: 2}, sel=sel, rejected=rejected, packed=packed,
-                        files=["train/part-00000.parquet"], failed=False, seconds=1.234)
+    manifest = build_manifest(spec, inputs, samples, Counter({"duplicate": 1, "too_long": 1}), rows_read=6,
+                              skipped={1: 2}, truncated=1, seconds=1.234)
     return spec, manifest, files
 
 
-def test_counts_and_tokens_follow_from_the_selection_and_packed_rows(built):
+def test_counts_and_tokens_follow_from_the_summaries_and_packed_rows(built):
     spec, manifest, files = built
     c = manifest.counts
     assert (c.rows_read, c.accepted, c.rejected_total, c.invalid, c.duplicates, c.truncated, c.dropped) == (6, 4, 2, 1, 1, 1, 1)

@@ -15,7 +15,7 @@ from jobs.prepare.formats import MESSAGE_ROLES, RowReject, to_messages
 from jobs.prepare.labels import Tokenized
 from jobs.prepare.records import FILE_TYPES
 from jobs.prepare.spec import DatasetSpec, FieldMap, SourceFormat, TemplateName
-from jobs.prepare.stages import OK, RenderTokenize, parse_file
+from jobs.prepare.stages import OK, RenderTokenize, parse_file, row_order
 from jobs.prepare.templates import BuiltinTemplate, build_template
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -79,13 +79,15 @@ def test_every_row_of_any_file_is_output_or_rejected(records, junk, suffix, fmt)
     spec = DatasetSpec.model_validate({"name": "p", "sources": [{"uri": f"x{suffix}", "format": fmt.value,
                                                                  "fields": fields}],
                                        "tokenizer": "t", "output": "o"})
-    rows = parse_file(f"x{suffix}", file_bytes(FILE_TYPES[suffix], records, junk), 0, spec.sources[0], spec)
+    rows = parse_file(f"x{suffix}", file_bytes(FILE_TYPES[suffix], records, junk), 3, 0, spec.sources[0], spec)
     for row in rows:
         if row["reason"] == OK:
             assert json.loads(row["messages"]) and row["key"]
         else:
             assert row["messages"] == "" and REASON.match(row["reason"])
     assert len({row["line"] for row in rows}) == len(rows) or FILE_TYPES[suffix] == "json"
+    # Rows keep their file order in `order`, whatever their line numbers: the global steps sort by it.
+    assert [row["order"] for row in rows] == [row_order(3, i) for i in range(len(rows))]
 
 
 @pytest.mark.parametrize("name", [t for t in TemplateName if t is not TemplateName.TOKENIZER])

@@ -1,13 +1,16 @@
 """The REST API on a real database (SQLite) with Ray stood in by `RecordingRay`: auth, tenancy,
-validation, URIs, idempotency, size limits, injection, reconciliation and pipelines."""
+validation, URIs, idempotency, size limits, injection, reconciliation, pipelines, and reused or
+forced preparations."""
 
 from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
+from support.jobs import stub_manifest
 from support.service import ADMIN_KEY, RecordingRay, dataset_body, service_settings, training_body
 
 from service import store
@@ -157,6 +160,54 @@ def test_reconcile_follows_ray_and_marks_unknown_jobs_lost(client, ray, data_dir
     a_now, b_now = (client.get(f"/v1/jobs/{j['id']}", headers=auth(client)).json() for j in (a, b))
     assert a_now["status"] == "FAILED" and "boom" in a_now["error"] and a_now["finished_at"]
     assert b_now["status"] == "LOST" and "Ray no longer knows this job" in b_now["error"]
+
+
+def test_force_adds_the_one_fixed_flag_to_a_preparation_and_only_to_it(client, ray, data_dir):
+    forced = client.post("/v1/datasets?force=true", json=dataset_body(data_dir), headers=auth(client)).json()
+    plain = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client)).json()
+    for job, tail in ((forced, " --force"), (plain, "")):
+        spec_file = data_dir.absolute() / f"artifacts/tenants/acme/jobs/{job['id']}/spec.json"
+        assert ray.jobs[f"raysft-{job['id']}"]["entrypoint"] == f"python -m jobs.prepare --spec {spec_file}{tail}"
+    # the flag is part of the request an Idempotency-Key stands for
+    headers = auth(client) | {"Idempotency-Key": "f1"}
+    client.post("/v1/datasets", json=dataset_body(data_dir), headers=headers)
+    refused = client.post("/v1/datasets?force=true", json=dataset_body(data_dir), headers=headers)
+    assert refused.status_code == 422 and "different request body" in refused.text
+    # a pipeline prepares again; its training takes no flag
+    body = {"dataset": dataset_body(data_dir), "training": training_body(data_dir)}
+    pipeline = client.post("/v1/pipelines?force=true", json=body, headers=auth(client)).json()
+    [dataset_id] = pipeline["children"]
+    assert ray.jobs[f"raysft-{dataset_id}"]["entrypoint"].endswith(" --force")
+    ray.set(f"raysft-{dataset_id}", Status.SUCCEEDED)
+    reconcile(client)
+    training_id = client.get(f"/v1/jobs/{pipeline['id']}", headers=auth(client)).json()["children"][1]
+    assert ray.jobs[f"raysft-{training_id}"]["entrypoint"].startswith("python -m jobs.train --spec /")
+    assert "--force" not in ray.jobs[f"raysft-{training_id}"]["entrypoint"]
+
+
+def test_progress_says_whether_the_preparation_reused_an_earlier_output(client, ray, data_dir):
+    output = data_dir / "artifacts/tenants/acme/datasets/shared"  # an explicit output: a job's own is new
+    output.mkdir(parents=True)
+    earlier = (datetime.now(UTC) - timedelta(hours=1)).isoformat(timespec="seconds")
+    (output / "manifest.json").write_text(stub_manifest("abc").model_copy(update={"created_at": earlier}).to_json())
+    job = client.post("/v1/datasets", json=dataset_body(data_dir, output=str(output)), headers=auth(client)).json()
+
+    def progress():
+        reconcile(client)
+        return client.get(f"/v1/jobs/{job['id']}", headers=auth(client)).json()["progress"]
+
+    assert progress()["rows"] is None  # running: the earlier manifest says nothing of this job yet
+    ray.set(f"raysft-{job['id']}", Status.SUCCEEDED)
+    done = progress()
+    assert done["reused"] is True and done["percent"] == 100.0 and done["rows"] == 8
+    # a manifest the job wrote itself is no reuse
+    again = client.post("/v1/datasets?force=true", json=dataset_body(data_dir, output=str(output)),
+                        headers=auth(client)).json()
+    written = (datetime.now(UTC) + timedelta(seconds=5)).isoformat(timespec="seconds")
+    (output / "manifest.json").write_text(stub_manifest("abc").model_copy(update={"created_at": written}).to_json())
+    ray.set(f"raysft-{again['id']}", Status.SUCCEEDED)
+    reconcile(client)
+    assert client.get(f"/v1/jobs/{again['id']}", headers=auth(client)).json()["progress"]["reused"] is False
 
 
 def test_a_job_ray_could_not_take_is_submitted_later(client, ray, data_dir):

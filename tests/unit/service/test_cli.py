@@ -97,6 +97,17 @@ def test_submit_list_cancel_and_an_empty_metric_history(service, tmp_path):
     assert run("jobs", "cancel", job_id).output.strip() == "CANCELLED"
 
 
+def test_submit_force_prepares_again_and_only_a_preparation_takes_it(service, tmp_path):
+    spec = tmp_path / "demo.yaml"
+    spec.write_text(json.dumps(dataset_body(service.data_dir)))
+    submitted = run("submit", "dataset", str(spec), "--force")
+    assert submitted.exit_code == 0, submitted.output
+    [job] = service.state.control.ray.jobs.values()
+    assert job["entrypoint"].endswith(" --force")
+    refused = run("submit", "training", str(spec), "--force")
+    assert refused.exit_code == 2 and "--force prepares a dataset again" in refused.output
+
+
 def test_the_metric_history_prints_as_aligned_columns():
     history = [{"step": 2, "loss": 7.632313, "lr": 0.01, "tokens_per_s": 615.659798, "time": 1.0},
                {"step": 4, "loss": 7.535213, "lr": 0.009999, "eval_loss": 7.51002, "perplexity": 1826.26,

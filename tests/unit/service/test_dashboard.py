@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from support import REPO
+from support.prepared import build_manifest
 from support.service import RecordingRay, dataset_body, service_settings, training_body
 
 from jobs.common import tokenizer_files
-from jobs.common.contract import IGNORE_INDEX, MANIFEST_FILE, REJECTS_FILE
+from jobs.common.contract import IGNORE_INDEX, MANIFEST_FILE, REJECTS_DIR
 from jobs.prepare import manifest as mf
 from jobs.prepare.inputs import Inputs
-from jobs.prepare.packing import pack_samples
-from jobs.prepare.selection import Selection
 from jobs.prepare.spec import DatasetSpec
 from jobs.prepare.templates import build_template
 from service import job_outputs, store
@@ -85,16 +84,12 @@ def write_prepared(output: Path, tiny_model: Path, tokenizer, rejects: list[dict
     inputs = Inputs(files, tokenizer, build_template(spec.template, tokenizer), files=[], total_bytes=0)
     ids = np.arange(10, 16, dtype=np.int32)
     labels = np.where(np.arange(6) >= 4, ids, IGNORE_INDEX).astype(np.int32)
-    samples = {"train": [(ids, labels)], "val": []}
-    sel = Selection(rejects=[{"uid": i, "reason": r["reason"], "detail": r["detail"]} for i, r in enumerate(rejects)],
-                    samples=samples, accepted=1, truncated=0)
-    packed = {s: pack_samples(samples[s], bfd=True, capacity=16) for s in samples}
-    manifest = mf.build(spec, inputs, rows_read=1 + len(rejects), skipped={}, sel=sel,
-                        rejected=Counter(r["reason"] for r in rejects), packed=packed, files=[], failed=False,
-                        seconds=0.5, examples=[mf.trained_segments(tokenizer, ids, labels)])
+    manifest = build_manifest(spec, inputs, {"train": [(ids, labels)]}, Counter(r["reason"] for r in rejects),
+                              rows_read=1 + len(rejects), seconds=0.5,
+                              examples=[mf.trained_segments(tokenizer, ids, labels)])
     output.mkdir(parents=True)
-    (output / "rejects").mkdir()
-    (output / REJECTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rejects))
+    (output / REJECTS_DIR).mkdir()
+    (output / REJECTS_DIR / "part-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
     (output / MANIFEST_FILE).write_text(manifest.to_json())
 
 
@@ -139,9 +134,10 @@ def test_a_training_has_no_dataset_report_and_a_pipeline_has_its_preparations(cl
 
 def test_reject_examples_stop_reading_once_every_reason_has_its_share(tmp_path, monkeypatch):
     output = tmp_path / "out"
-    (output / "rejects").mkdir(parents=True)
+    (output / REJECTS_DIR).mkdir(parents=True)
     lines = [json.dumps({"reason": "duplicate", "line": n, "raw": "r"}) for n in range(200_000)]
-    (output / REJECTS_FILE).write_text("\n".join(lines) + "\n")
+    (output / REJECTS_DIR / "part-00000.jsonl").write_text("\n".join(lines) + "\n")
+    (output / REJECTS_DIR / "part-00003.jsonl").write_text(json.dumps({"reason": "empty", "line": 7, "raw": ""}) + "\n")
     reads = []
     original = job_outputs.storage.filesystem
 
@@ -149,6 +145,9 @@ def test_reject_examples_stop_reading_once_every_reason_has_its_share(tmp_path, 
         fs, path = original(uri)
 
         class Counted:
+            def get_file_info(self, selector):
+                return fs.get_file_info(selector)
+
             def open_input_stream(self, p):
                 stream = fs.open_input_stream(p)
                 real_read = stream.read
@@ -170,8 +169,9 @@ def test_reject_examples_stop_reading_once_every_reason_has_its_share(tmp_path, 
     shown = job_outputs.reject_examples(str(output), {"duplicate"})
     assert [r["line"] for r in shown["duplicate"]] == [0, 1, 2]
     assert len(reads) == 1  # the file is about 8 MB; one 1 MiB read found all three
-    # A reason that never appears: the scan stops at the end of the file, not before.
+    # A reason only the next input file's rejects hold: the scan reads on into it.
     reads.clear()
-    assert job_outputs.reject_examples(str(output), {"duplicate", "empty"})["duplicate"][2]["line"] == 2
+    shown = job_outputs.reject_examples(str(output), {"duplicate", "empty"})
+    assert shown["duplicate"][2]["line"] == 2 and [r["line"] for r in shown["empty"]] == [7]
     assert len(reads) > 5
     assert job_outputs.reject_examples(str(tmp_path / "none"), {"x"}) == {}
