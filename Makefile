@@ -15,7 +15,7 @@ GEMMA3_GGUF := .cache/wheels/gemma3/gemma-3-270m-q4_k_m.gguf
 GEMMA3_SHA256 := a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 GEMMA3_MODEL := .cache/models/gemma-3-270m
 
-.PHONY: setup real-model gemma-model demo demo-jobs test test-scale test-unit soak test-ui test-real-model bench clean
+.PHONY: setup real-model gemma-model demo demo-jobs test test-slow test-unit soak test-ui test-real-model bench clean
 
 setup: $(STAMP)
 
@@ -66,12 +66,13 @@ demo-jobs: $(STAMP)
 # Unit, integration and deployment tests (pyproject's testpaths): under 15 minutes on 2 cores.
 test: $(STAMP)
 	$(VENV)/bin/ruff check jobs service tests benchmarks
-	$(PY) -m pytest -q -m "not scale"
+	$(PY) -m pytest -q -m "not slow"
 
-# The slow checks at scale that make test leaves out (pytest marker `scale`, about 8 minutes): the
-# preparation driver with its address space capped, a killed tokenize task, resume from streamed splits.
-test-scale: $(STAMP)
-	$(PY) -m pytest -q -m scale tests/integration
+# The long runs make test leaves out (pytest marker `slow`, about 10 minutes): the preparation driver
+# with its address space capped, a killed tokenize task, and training killed and resumed exactly
+# (splits held in memory and streamed), failed checkpoint uploads.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/integration
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -m "not integration and not gpu"

@@ -1,4 +1,4 @@
-"""Preparation at scale on a real local Ray cluster of 2 CPUs (`make test-scale`): the driver
+"""Preparation at scale on a real local Ray cluster of 2 CPUs (`make test-slow`): the driver
 runs with its address space capped far below what the dataset's tokens need in one process,
 and a killed tokenize task changes nothing in the output."""
 
@@ -21,7 +21,7 @@ from jobs.prepare.driver import prepare
 from jobs.prepare.inputs import Options
 from jobs.prepare.spec import load_spec
 
-pytestmark = [pytest.mark.integration, pytest.mark.scale]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # The driver's address space may grow by this much once it has started (imports, Ray connected,
 # tokenizer loaded): ids and labels alone of the capped test's 29 M tokens take 236 MB as int32,

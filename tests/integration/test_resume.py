@@ -16,7 +16,8 @@ from support.jobs import kill_tree, latest_registered_step, run, run_watching, s
 
 from jobs.common import run_layout
 
-pytestmark = pytest.mark.integration
+# Each test trains, kills and resumes real runs (40-110 s each on 2 cores): `make test-slow`.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 STEPS = 20
 
 
@@ -94,7 +95,7 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
 # Streamed from storage, the splits are read again by every epoch, evaluation and restarted worker
 # group: resuming is just as exact (against the reference, which held them in memory), but each
 # evaluation starts read tasks again, which makes the run too slow for `make test`.
-@pytest.mark.parametrize("splits", ["held in memory", pytest.param("streamed", marks=pytest.mark.scale)])
+@pytest.mark.parametrize("splits", ["held in memory", "streamed"])
 def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepared, tmp_path, reference,
                                                               record_property, splits):
     spec = resume_spec(tiny_model, prepared, tmp_path, "worker-killed", max_failures=1)
