@@ -37,9 +37,10 @@ def import_gguf(gguf: Path, out_dir: Path, dtype: DType = DType.FP32) -> dict[st
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    # The end of turn the model's own template renders after a reply: where generation must stop.
-    eot = build_template(TemplateName.TOKENIZER, tokenizer).eot if tokenizer.chat_template else tokenizer.eos_token
-    model.generation_config.eos_token_id = stop_ids(tokenizer, eot)
+    # What the model's own template renders after a reply: where generation must stop.
+    stops = build_template(TemplateName.TOKENIZER, tokenizer).stop_tokens() if tokenizer.chat_template else []
+    eot = stops[0] if stops else tokenizer.eos_token
+    model.generation_config.eos_token_id = stop_ids(tokenizer, stops)
     if tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import json
 import posixpath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jobs.common import storage
 
@@ -48,8 +48,10 @@ class TokenizerInfo(_Part):
 
 class TemplateInfo(_Part):
     name: str  # a built-in template's name, `tokenizer`, or `custom`
-    eot: str  # the end-of-turn text trained after every reply: where generation stops
-    eot_source: Literal["template", "spec", "eos"]  # rendered by the template, set by eot_token, or the eos fallback
+    eot: str  # what is trained after a reply another turn follows: where generation stops
+    eot_source: Literal["template", "spec", "eos"]  # rendered by the template, or inserted (eot_token, else eos)
+    eot_last: str | None = None  # what is trained after the final reply, where it differs (gpt-oss: <|return|>)
+    stop_tokens: list[str] = Field(default_factory=list)  # every token ending a reply: the export's eos_token_id
     chat_template: str | None  # the Jinja template to serve the trained model with; None: the tokenizer's own
 
 

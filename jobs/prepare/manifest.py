@@ -22,8 +22,9 @@ LIBRARIES = ("raysft", "ray", "transformers", "tokenizers", "pyarrow", "jinja2")
 # Rejects that are policy, not bad data: they do not count against max_reject_ratio.
 POLICY_REASONS = {"duplicate", "downsampled"}
 CUSTOM_TEMPLATE = "custom"  # the manifest's template name for a Jinja string in the spec
-EOT_SOURCES = {"template": "as the template renders it", "spec": "set by eot_token",
-               "eos": "the tokenizer's eos: the template renders no special token after a reply"}
+EOT_SOURCES = {"template": "as the template renders it",
+               "spec": "eot_token inserted where the template renders no special token after a reply",
+               "eos": "the tokenizer's eos inserted where the template renders no special token after a reply"}
 
 
 def library_versions() -> dict[str, str]:
@@ -84,6 +85,7 @@ def build(spec: DatasetSpec, inputs: Inputs, rows_read: int, skipped: dict[int, 
                    "pad_token": inputs.tokenizer.pad_token},
         template={"name": CUSTOM_TEMPLATE if spec.template_is_custom else TemplateName(spec.template).value,
                   "eot": inputs.template.eot, "eot_source": inputs.template.eot_source,
+                  "eot_last": inputs.template.eot_last, "stop_tokens": inputs.template.stop_tokens(),
                   "chat_template": inputs.template.chat_template()},
         counts={
             "rows_read": rows_read,
@@ -129,6 +131,13 @@ def mark_trained(segments: list[Segment]) -> str:
     return "".join(f"⟦{s.text}⟧" if s.trained else s.text for s in segments)
 
 
+def ends(manifest: Manifest) -> str:
+    """What is trained after a reply, and after the last one where that differs."""
+    t = manifest.template
+    last = f" (after the last reply `{t.eot_last}`)" if t.eot_last and t.eot_last != t.eot else ""
+    return f"`{t.eot}`{last}"
+
+
 def data_card(spec: DatasetSpec, manifest: Manifest) -> str:
     m, c, t, p = manifest, manifest.counts, manifest.tokens, manifest.packing
     examples = [mark_trained(segments) for segments in m.examples]
@@ -138,7 +147,8 @@ def data_card(spec: DatasetSpec, manifest: Manifest) -> str:
 
 Prepared {m.created_at} by raysft {m.library_versions['raysft']}.
 Spec hash `{m.spec_hash[:16]}`, tokenizer SHA-256 `{m.tokenizer.sha256[:16]}`,
-template `{m.template.name}` (end of turn `{m.template.eot}`, {EOT_SOURCES[m.template.eot_source]}), train on `{spec.train_on.value}`.
+template `{m.template.name}` (end of turn {ends(m)}, {EOT_SOURCES[m.template.eot_source]}), train on `{spec.train_on.value}`;
+generation stops at {", ".join(f"`{t}`" for t in m.template.stop_tokens)}.
 
 ## Rows
 
@@ -184,7 +194,8 @@ def summary(manifest: Manifest) -> str:
         f"  tokens: {t.all} all, {t.trainable} trainable; sample length {m.sample_length}",
         f"  packing {p.mode}@{p.max_seq_length}: rows train {p.rows['train']}, val {p.rows['val']}, "
         f"efficiency {p.efficiency:.2%}",
-        f"  template {m.template.name}, end of turn {m.template.eot!r} ({EOT_SOURCES[m.template.eot_source]})",
+        f"  template {m.template.name}, end of turn {ends(m)} ({EOT_SOURCES[m.template.eot_source]}), "
+        f"stop tokens {m.template.stop_tokens}",
         f"  tokenizer sha256 {m.tokenizer.sha256}",
     ]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from jobs.common import storage
 from jobs.common.contract import IGNORE_INDEX, REJECTS_DIR, SPLITS
-from jobs.prepare.packing import assemble_rows, layout
+from jobs.prepare.packing import assemble_rows, layout, offsets_list
 from jobs.prepare.selection import file_of
 from jobs.prepare.stages import OK
 
@@ -51,8 +51,15 @@ def emit_samples(decided: pa.Table, partitions: list[int]) -> pa.Table:
     orders = accepted.column("order").to_numpy()
     copies = accepted.column("copies").to_numpy(zero_copy_only=False).astype(np.int64)
     group = (split << SPLIT_BITS) | partition_of(orders, np.asarray(partitions)[split])
-    tokens = accepted.select(["input_ids", "labels"]).take(np.repeat(np.arange(accepted.num_rows), copies))
-    return pa.table({"group": np.repeat(group, copies), "order": np.repeat(orders, copies),
+    # A row's samples (several under `reasoning: keep`) become list entries of their own.
+    sample_lens = accepted.column("sample_lens").combine_chunks()
+    row_of = np.repeat(np.arange(accepted.num_rows), pc.list_value_length(sample_lens).to_numpy(zero_copy_only=False))
+    offsets = np.r_[0, np.cumsum(pc.list_flatten(sample_lens).to_numpy().astype(np.int64))]
+    samples = pa.table({name: offsets_list(offsets, pc.list_flatten(accepted.column(name).combine_chunks()))
+                        for name in ("input_ids", "labels")})
+    take = np.repeat(np.arange(len(row_of)), copies[row_of])
+    tokens = samples.take(take)
+    return pa.table({"group": group[row_of][take], "order": orders[row_of][take],
                      "input_ids": tokens.column("input_ids"), "labels": tokens.column("labels")}, schema=SAMPLES_SCHEMA)
 
 

@@ -152,17 +152,21 @@ def summarize(decided: pa.Table, capacity: int) -> pa.Table:
     run_start[1:] = trained[1:] & ~trained[:-1]
     run_start[starts] = False
     turns = np.add.reduceat(run_start, starts) if len(lengths) else np.zeros(0, np.int64)
-    split = accepted.column("split").to_numpy(zero_copy_only=False).astype(np.int64)
-    copies = accepted.column("copies").to_numpy(zero_copy_only=False).astype(np.int64)
     orders = accepted.column("order").to_numpy()
     best = np.lexsort((orders, lengths, -turns))[:SHOWN]
+    # Counted per sample: a row may hold several (`reasoning: keep`), each copied by the row's weight.
+    sample_lens = accepted.column("sample_lens").combine_chunks()
+    per_row = pc.list_value_length(sample_lens).to_numpy(zero_copy_only=False).astype(np.int64)
+    sizes = pc.list_flatten(sample_lens).to_numpy().astype(np.int64)
+    split = np.repeat(accepted.column("split").to_numpy(zero_copy_only=False).astype(np.int64), per_row)
+    copies = np.repeat(accepted.column("copies").to_numpy(zero_copy_only=False).astype(np.int64), per_row)
     return pa.table({
         "rejected": [list(Counter(decided.filter(pc.invert(ok)).column("reason").to_pylist()).items())],
         "accepted": [accepted.num_rows],
         "truncated": [int(pc.sum(accepted.column("truncated")).as_py() or 0)],
         "samples": [np.bincount(split, weights=copies, minlength=len(SPLITS)).astype(np.int64)],
-        "tokens": [np.bincount(split, weights=copies * lengths, minlength=len(SPLITS)).astype(np.int64)],
-        "lengths": [np.bincount(lengths, weights=copies, minlength=capacity + 1).astype(np.int64)],
+        "tokens": [np.bincount(split, weights=copies * sizes, minlength=len(SPLITS)).astype(np.int64)],
+        "lengths": [np.bincount(sizes, weights=copies, minlength=capacity + 1).astype(np.int64)],
         "shown": [[[-int(turns[i]), int(lengths[i]), int(orders[i])] for i in best]],
     }, schema=SUMMARY_SCHEMA)
 

@@ -51,6 +51,15 @@ class TrainOn(StrEnum):
     ALL = "all"  # every token of the rendered conversation
 
 
+class Reasoning(StrEnum):
+    """Replies that open with `<think>…</think>` when the template does not render that reasoning
+    (Qwen3 drops it from every turn before the last user message, DeepSeek-R1 from every turn)."""
+
+    KEEP = "keep"  # each such reply becomes a sample of its own, trained with its reasoning
+    TEMPLATE = "template"  # train what the template renders: the reply without its reasoning
+    REJECT = "reject"  # reject the row (`reasoning_dropped`)
+
+
 class Packing(StrEnum):
     NONE = "none"  # one conversation per row
     BFD = "bfd"  # best-fit-decreasing over the whole split into rows of max_seq_length
@@ -139,9 +148,18 @@ class DatasetSpec(SpecModel):
     )
     eot_token: str | None = Field(
         None,
-        description="End-of-turn text closing each assistant reply, trained with it. Built-in templates know "
-        "theirs; for `tokenizer`/custom templates it is detected (the special token the template renders right "
-        "after a reply), else the tokenizer's eos_token. Set it only to insist on one.",
+        description="End-of-turn token trained after each assistant reply. Built-in templates know theirs; for "
+        "`tokenizer`/custom templates what the template renders after each reply is trained (read from its "
+        "layout, per turn: the last reply may end differently), and after a reply it ends with no special token "
+        "this token is inserted (default: the tokenizer's eos_token). Set it to insist on one the template renders, "
+        "or to choose the inserted one.",
+    )
+    reasoning: Reasoning = Field(
+        Reasoning.KEEP,
+        description="Reasoning (`<think>…</think>` opening a reply) the chat template does not render: `keep` "
+        "trains each such reply with its reasoning as a sample of its own (the earlier turns as its context, "
+        "as the template renders them), `template` trains only what the template renders, `reject` rejects "
+        "the row.",
     )
     max_seq_length: int = Field(1024, ge=16, le=1_048_576, description="Tokens per sample and per packed row.")
     truncation: Truncation = Field(Truncation.DROP, description="What to do with over-long rows.")

@@ -61,41 +61,47 @@ class RenderTokenize:
     def __init__(self, spec: DatasetSpec, tokenizer: Any):
         self.spec = spec
         self.tokenizer = tokenizer
-        self.template = build_template(spec.template, tokenizer, spec.eot_token)
+        self.template = build_template(spec.template, tokenizer, spec.eot_token, spec.reasoning)
 
-    def __call__(self, messages_json: list[str]) -> list[Tokenized | RowReject]:
-        results: list[Tokenized | RowReject | None] = [None] * len(messages_json)
+    def __call__(self, messages_json: list[str]) -> list[list[Tokenized] | RowReject]:
+        """Each row's samples (one, or more where `reasoning: keep` splits it), or why it is rejected:
+        a row is kept whole or rejected whole."""
+        results: list[list[Tokenized] | RowReject] = [[] for _ in messages_json]
         texts, spans, where = [], [], []
         for i, raw in enumerate(messages_json):
             try:
-                rendered = self.template.render(json.loads(raw))
+                samples = self.template.samples(json.loads(raw), self.spec.train_on)
             except RowReject as e:
                 results[i] = e
                 continue
-            texts.append(rendered.text)
-            spans.append(select_spans(rendered, self.spec.train_on))
-            where.append(i)
+            for rendered in samples:
+                texts.append(rendered.text)
+                spans.append(select_spans(rendered, self.spec.train_on))
+                where.append(i)
         tokenized = tokenize_rendered(self.tokenizer, texts, spans, self.spec.max_seq_length, self.spec.truncation)
         for i, result in zip(where, tokenized, strict=True):
-            results[i] = result
-        return results  # type: ignore[return-value]
+            row = results[i]
+            if isinstance(result, RowReject):
+                results[i] = row if isinstance(row, RowReject) else result
+            elif not isinstance(row, RowReject):
+                row.append(result)
+        return results
 
     def columns(self, messages_json: list[str]) -> dict[str, list]:
-        """The same work as columns: input_ids, labels, truncated, reason, detail."""
-        cols: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "reason": [], "detail": []}
+        """The same work as columns: input_ids and labels (a row's samples one after the other),
+        sample_lens, truncated, reason, detail."""
+        cols: dict[str, list] = {name: [] for name in ("input_ids", "labels", "sample_lens", "truncated", "reason",
+                                                       "detail")}
+        empty = np.empty(0, np.int32)
         for result in self(messages_json):
-            if isinstance(result, RowReject):
-                cols["input_ids"].append(np.empty(0, np.int32))
-                cols["labels"].append(np.empty(0, np.int32))
-                cols["truncated"].append(False)
-                cols["reason"].append(result.reason)
-                cols["detail"].append(result.detail)
-            else:
-                cols["input_ids"].append(result.input_ids)
-                cols["labels"].append(result.labels)
-                cols["truncated"].append(result.truncated)
-                cols["reason"].append(OK)
-                cols["detail"].append("")
+            rejected = isinstance(result, RowReject)
+            samples = [] if rejected else result
+            cols["input_ids"].append(np.concatenate([s.input_ids for s in samples]) if samples else empty)
+            cols["labels"].append(np.concatenate([s.labels for s in samples]) if samples else empty)
+            cols["sample_lens"].append(np.asarray([len(s.input_ids) for s in samples], np.int32))
+            cols["truncated"].append(any(s.truncated for s in samples))
+            cols["reason"].append(result.reason if rejected else OK)
+            cols["detail"].append(result.detail if rejected else "")
         return cols
 
 
@@ -109,15 +115,17 @@ def add_tokens(batch: pa.Table, stage: RenderTokenize) -> pa.Table:
     todo = [i for i, r in enumerate(reasons) if r == OK]
     cols = stage.columns(batch.column("messages").take(todo).to_pylist())
     empty = np.empty(0, np.int32)
-    ids, labels, truncated = [empty] * len(reasons), [empty] * len(reasons), [False] * len(reasons)
+    ids, labels, lens = [empty] * len(reasons), [empty] * len(reasons), [empty] * len(reasons)
+    truncated = [False] * len(reasons)
     for j, i in enumerate(todo):
-        ids[i], labels[i], truncated[i] = cols["input_ids"][j], cols["labels"][j], cols["truncated"][j]
-        reasons[i], details[i] = cols["reason"][j], cols["detail"][j]
+        ids[i], labels[i], lens[i] = cols["input_ids"][j], cols["labels"][j], cols["sample_lens"][j]
+        truncated[i], reasons[i], details[i] = cols["truncated"][j], cols["reason"][j], cols["detail"][j]
     return batch.drop_columns(["messages", "reason", "detail"]).append_column(
         "reason", pa.array(reasons, pa.string())).append_column(
         "detail", pa.array(details, pa.string())).append_column(
         "input_ids", list_array(ids)).append_column(
         "labels", list_array(labels)).append_column(
+        "sample_lens", list_array(lens)).append_column(
         "truncated", pa.array(truncated, pa.bool_()))
 
 

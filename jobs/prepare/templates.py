@@ -1,30 +1,32 @@
 """Pure: render messages with a chat template and locate the characters that carry loss.
 
 A rendering is the conversation text plus one character span per assistant turn, covering the
-reply and its end-of-turn token (trained, so the model learns to stop) but no system/user text.
+reply and what ends its turn (trained, so the model learns to stop) but no system/user text.
 Masks are later derived from these spans and the tokenizer's offsets over the *whole* text, so a
 token merge across a role boundary cannot shift them.
 
 Built-in templates are laid out in Python, where spans are known exactly. Jinja templates (the
-tokenizer's own or a custom string) are rendered once per conversation by transformers; a
-template with `{% generation %}` blocks says where each reply is, and for any other the replies
-are found in the whole render, in order, each span ending at the end-of-turn that follows it.
-Nothing requires renders of prefixes to extend each other, so templates that fold the system
-prompt into a later turn (Mistral), rewrite earlier turns (Qwen3) or add a default system prompt
-(SmolLM2, Qwen2.5) mask exactly. The end-of-turn is detected from the template (the special
-token rendered right after a reply) unless the spec sets it.
+tokenizer's own or a custom string) are rendered by transformers, and `skeleton` places every
+content by rendering the same conversation shape with sentinels: a reply is never searched for,
+so one equal to the system prompt, to another turn or to the template's markup is still placed
+exactly. Templates that fold the system prompt into a later turn (Mistral), trim contents
+(Llama 3), add a default system prompt (SmolLM2, Qwen2.5) or end turns differently (gpt-oss's
+`<|end|>` and `<|return|>`) mask exactly; a `{% generation %}` block may start a reply's span
+earlier, never end it later than its end of turn.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
 from jobs.prepare.formats import Message, RowReject
-from jobs.prepare.spec import TemplateName, TrainOn
+from jobs.prepare.skeleton import Layout, SpecialRun, build_layout, locate, piece_texts, shape
+from jobs.prepare.spec import Reasoning, TemplateName, TrainOn
 
 Span = tuple[int, int]
 
@@ -45,10 +47,18 @@ class Rendered:
 
 
 class ChatTemplate(Protocol):
-    eot: str
-    eot_source: str  # `template` (its layout, or detected from its render), `spec` (eot_token), `eos`
+    eot: str  # what ends a reply another turn follows
+    eot_last: str  # what ends the final reply
+    eot_source: str  # `template` (its layout, or read from its render), `spec` (eot_token), `eos` (inserted)
 
     def render(self, messages: list[Message]) -> Rendered: ...
+
+    def samples(self, messages: list[Message], train_on: TrainOn) -> list[Rendered]:
+        """What a conversation trains: itself, or several samples (`JinjaTemplate.samples`); spans are
+        then chosen by `select_spans`."""
+
+    def stop_tokens(self) -> list[str]:
+        """Every token that ends a reply: where generation stops."""
 
     def chat_template(self) -> str | None:
         """The Jinja chat template to serve a model trained on these renders with; None: the
@@ -120,6 +130,16 @@ class BuiltinTemplate:
     def eot(self) -> str:
         return self.layout.eot.format(eos=self.eos)
 
+    @property
+    def eot_last(self) -> str:
+        return self.eot
+
+    def stop_tokens(self) -> list[str]:
+        return list(dict.fromkeys(t for t in (self.eot, self.eos) if t))
+
+    def samples(self, messages: list[Message], train_on: TrainOn) -> list[Rendered]:
+        return [self.render(messages)]
+
     def chat_template(self) -> str:
         """The same layout as a Jinja chat template, for serving the trained model (the exported
         tokenizer's `chat_template`): it renders exactly what `render` does."""
@@ -166,46 +186,47 @@ class BuiltinTemplate:
 
 
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
-
-def locate_replies(text: str, messages: list[Message], eot: str) -> list[Span]:
-    """The span of each assistant reply in a whole render: user and assistant contents are found in
-    order (so a reply quoted by a later user turn is not mistaken for it), and a reply's span runs
-    to the end-of-turn right after it. System prompts are skipped: templates place them anywhere,
-    or fold them into a user turn."""
-    spans, cursor = [], 0
-    for k, m in enumerate(messages):
-        if m["role"] == "system":
-            continue
-        at = text.find(m["content"], cursor)
-        if at < 0:
-            raise RowReject("template_error", f"turn {k} ({m['role']}) is not rendered verbatim by the template")
-        end = at + len(m["content"])
-        if m["role"] == "assistant":
-            eot_at = text.find(eot, end)
-            if eot_at < 0 or text[end:eot_at].strip():
-                after = text[end:end + 40]
-                raise RowReject("template_error", f"turn {k}: the reply is followed by {after!r}, not the end-of-turn "
-                                f"{eot!r}")
-            end = eot_at + len(eot)
-            spans.append((at, end))
-        cursor = end
-    return spans
+LAYOUT_CACHE = 4096  # conversation shapes kept per template: a few per dataset in practice
 
 
 @dataclass(frozen=True)
+class Terminators:
+    """What a template renders after a reply, and what is inserted where it renders nothing."""
+
+    turn: str  # after a reply another turn follows (stripped of whitespace)
+    last: str  # after the final reply
+    inserted: str  # trained after a reply the template ends with no special token: eot_token, else eos
+    source: str  # `template`: both rendered; `spec`/`eos`: some reply gets `inserted`
+
+
+@dataclass
 class JinjaTemplate:
-    """The tokenizer's own chat template, or a custom Jinja string, rendered by transformers."""
+    """The tokenizer's own chat template, or a custom Jinja string, rendered by transformers.
+
+    Each row is rendered once; its layout (`skeleton.build_layout`, cached per conversation shape)
+    says where every content and every end of turn lies, so spans never come from a text search."""
 
     tokenizer: Any
     source: str | None  # None: the tokenizer's own chat_template
-    eot: str
-    bos: str
-    eos: str
-    eot_source: str = "template"
+    inserted: str  # what ends a reply the template ends with no special token
+    inserted_source: str  # `spec` (eot_token) or `eos`
+    reasoning: Reasoning = Reasoning.KEEP
+    _layouts: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     def chat_template(self) -> str | None:
         return self.source
+
+    @cached_property
+    def _source(self) -> tuple[str, bool]:
+        """The template's text, and whether it marks replies with `{% generation %}`: once, not per row."""
+        source = self.tokenizer.get_chat_template(self.source)
+        return source, bool(GENERATION_BLOCK.search(source))
+
+    @cached_property
+    def _specials(self) -> SpecialRun:
+        tokens = set(self.tokenizer.all_special_tokens)
+        tokens |= {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        return SpecialRun(sorted(tokens))
 
     def render_text(self, messages: list[Message]) -> tuple[str, list[Span] | None]:
         """The whole render, and the `{% generation %}` spans when the template marks replies."""
@@ -217,49 +238,113 @@ class JinjaTemplate:
                                                **self.tokenizer.special_tokens_map)
         return texts[0], ([tuple(span) for span in indices[0]] if marked else None)
 
-    @cached_property
-    def _source(self) -> tuple[str, bool]:
-        """The template's text, and whether it marks replies with `{% generation %}`: once, not per row."""
-        source = self.tokenizer.get_chat_template(self.source)
-        return source, bool(GENERATION_BLOCK.search(source))
-
-    def render(self, messages: list[Message]) -> Rendered:
-        if (doc := _render_text(messages, self.bos, self.eos)) is not None:
-            return doc
+    def _checked_render(self, messages: list[Message]) -> tuple[str, list[Span] | None]:
         try:
-            text, marked = self.render_text(messages)
+            return self.render_text(messages)
         except Exception as e:  # a template's raise_exception() (no system role, say) or a Jinja error
             raise RowReject("template_error", str(e)[:300]) from e
-        replies = sum(m["role"] == "assistant" for m in messages)
-        if marked is None:
-            return Rendered(text, locate_replies(text, messages, self.eot))
-        if len(marked) != replies:
-            raise RowReject("template_error", f"{len(marked)} generation blocks for {replies} replies")
-        return Rendered(text, marked)
+
+    def layout(self, key: tuple[tuple[str, bool], ...]) -> Layout:
+        """The layout of a conversation shape, built once (a template error is a reject, cached too)."""
+        if (found := self._layouts.get(key)) is None:
+            try:
+                found = build_layout(key, self._checked_render, lambda k: self.layout(k).tail, self._specials)
+            except RowReject as e:
+                found = e
+            self._layouts[key] = found
+            if len(self._layouts) > LAYOUT_CACHE:
+                self._layouts.popitem(last=False)
+        if isinstance(found, RowReject):
+            raise found
+        return found
+
+    @cached_property
+    def terminators(self) -> Terminators:
+        """What ends a reply in this template, read from the layout of the probe conversation."""
+        layout = self.layout(shape(PROBE_CONVERSATION))
+        turn, last = (reply.terminator.strip() for reply in (layout.replies[0], layout.replies[-1]))
+        source = "template" if turn and last else self.inserted_source
+        return Terminators(turn or self.inserted, last or self.inserted, self.inserted, source)
+
+    @property
+    def eot(self) -> str:
+        return self.terminators.turn
+
+    @property
+    def eot_last(self) -> str:
+        return self.terminators.last
+
+    @property
+    def eot_source(self) -> str:
+        return self.terminators.source
+
+    def stop_tokens(self) -> list[str]:
+        t = self.terminators
+        return list(dict.fromkeys(token for token in (*self._specials(t.turn), *self._specials(t.last), t.inserted)
+                                  if token))
+
+    def render(self, messages: list[Message]) -> Rendered:
+        """The conversation as the template renders it, every reply placed (reasoning the template
+        drops is not put back: see `samples`)."""
+        if (doc := _render_text(messages, "", self.inserted)) is not None:
+            return doc
+        text, _ = self._checked_render(messages)
+        return place_replies(text, self.layout(shape(messages)), piece_texts(messages), self.inserted)
+
+    def samples(self, messages: list[Message], train_on: TrainOn) -> list[Rendered]:
+        """What one conversation trains, as samples: itself, and under `reasoning: keep` one more
+        per reply whose reasoning the template drops (its earlier turns as context, rendered by the
+        template, and the reply with its reasoning put back where the template drops it)."""
+        rendered = self.render(messages)
+        if messages[0]["role"] == "text":
+            return [rendered]
+        replies = self.layout(shape(messages)).replies
+        if train_on is TrainOn.LAST_ASSISTANT:
+            replies, rendered = replies[-1:], Rendered(rendered.text, rendered.spans[-1:])
+        elif train_on is TrainOn.ALL:
+            return [rendered]
+        dropped = [r.message for r in replies if r.reasoning_dropped]
+        if not dropped or self.reasoning is Reasoning.TEMPLATE:
+            return [rendered]
+        if self.reasoning is Reasoning.REJECT:
+            raise RowReject("reasoning_dropped", f"turn {dropped[0]}: the template does not render this reply's "
+                            "reasoning; set reasoning: keep to train it, or reasoning: template to train the reply alone")
+        kept = [span for reply, span in zip(replies, rendered.spans, strict=True) if not reply.reasoning_dropped]
+        own = [self._with_reasoning(messages[:k + 1]) for k in dropped]
+        return ([Rendered(rendered.text, kept)] if kept else []) + own
+
+    def _with_reasoning(self, messages: list[Message]) -> Rendered:
+        """A conversation that trains its final reply alone, with its reasoning."""
+        text, _ = self._checked_render(messages)
+        layout = self.layout(shape(messages))
+        last = layout.replies[-1]
+        rewrite = {last.message: messages[-1]["content"]} if last.reasoning_dropped else {}
+        rendered = place_replies(text, layout, piece_texts(messages), self.inserted, rewrite)
+        return Rendered(rendered.text, rendered.spans[-1:])
 
 
-def detect_eot(tokenizer: Any, source: str | None) -> str | None:
-    """The end-of-turn a chat template renders: the special token right after a reply (whitespace
-    between them allowed), longest first; None when the template renders none there."""
-    template = JinjaTemplate(tokenizer, source, eot="", bos="", eos="")
-    probe = PROBE_CONVERSATION[:3]  # a reply with a user turn after it: the end of turn is not the end of the text
-    try:
-        text, marked = template.render_text(probe)
-    except Exception:
-        return None  # check_template reports the template's own error
-    reply = probe[1]["content"]
-    if marked:
-        start, end = marked[0]
-        reply_end = text.find(reply, start, end) + len(reply)
-    else:
-        reply_at = text.find(reply, text.find(probe[0]["content"]) + len(probe[0]["content"]))
-        if reply_at < 0:
-            return None
-        reply_end = reply_at + len(reply)
-    rest = text[reply_end:].lstrip()
-    special = sorted(set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
-                                                          if t.special}, key=len, reverse=True)
-    return next((token for token in special if token and rest.startswith(token)), None)
+def place_replies(text: str, layout: Layout, texts: dict[int, str], inserted: str,
+                  rewrite: dict[int, str] | None = None) -> Rendered:
+    """The trained span of every reply in `text`: `inserted` is added after each reply the
+    template ends with no special token, and the replies of the messages in `rewrite` are
+    replaced by the text given there."""
+    places = locate(text, layout, texts)
+    spans, parts, copied, shift = [], [], 0, 0
+    for reply in layout.replies:
+        start = places[reply.first][0] - reply.lead + shift
+        reply_start, end = places[reply.last]
+        if rewrite and reply.message in rewrite:
+            parts.append(text[copied:reply_start] + rewrite[reply.message])
+            copied = end
+            shift += len(rewrite[reply.message]) - (end - reply_start)
+        reply_end = end + shift
+        if not reply.terminator:
+            parts.append(text[copied:end] + inserted)
+            copied = end
+            shift += len(inserted)
+        spans.append((start, reply_end + len(reply.terminator or inserted)))
+    parts.append(text[copied:])
+    return Rendered("".join(parts), spans)
 
 
 def select_spans(rendered: Rendered, train_on: TrainOn) -> list[Span]:
@@ -271,9 +356,8 @@ def select_spans(rendered: Rendered, train_on: TrainOn) -> list[Span]:
     return rendered.spans
 
 
-
-
-def build_template(template: TemplateName | str, tokenizer: Any, eot_token: str | None = None) -> ChatTemplate:
+def build_template(template: TemplateName | str, tokenizer: Any, eot_token: str | None = None,
+                   reasoning: Reasoning = Reasoning.KEEP) -> ChatTemplate:
     """Build the template for a spec, or raise ValueError explaining what to change."""
     eos = tokenizer.eos_token or ""
     bos = tokenizer.bos_token if tokenizer.bos_token and tokenizer.bos_token != eos else ""
@@ -290,33 +374,35 @@ def build_template(template: TemplateName | str, tokenizer: Any, eot_token: str 
             raise ValueError("template 'tokenizer' but the tokenizer has no chat_template: "
                              "pick a built-in template (e.g. chatml) or pass a Jinja string")
         source = None if template is TemplateName.TOKENIZER else str(template)
-        detected = detect_eot(tokenizer, source)
-        eot = eot_token or detected or eos
-        if not eot:
+        jinja = JinjaTemplate(tokenizer, source, eot_token or eos, "spec" if eot_token else "eos", reasoning)
+        try:
+            ends = jinja.terminators
+        except RowReject as e:
+            raise ValueError(f"the chat template cannot be used for masking: {e.detail}: "
+                             "pick a built-in template, or pass a Jinja template that renders each message") from None
+        if ends.source != "template" and not ends.inserted:
             raise ValueError("set eot_token: the template renders no special token after a reply, and the "
                              "tokenizer has no eos_token")
-        if eot_token and detected and eot_token != detected:
+        if eot_token and ends.source == "template" and eot_token not in (ends.turn, ends.last):
             raise ValueError(f"eot_token {eot_token!r} is not what this template renders after a reply "
-                             f"({detected!r}): set eot_token: {detected!r}, or remove it to use the detected one")
-        # Jinja templates render the BOS themselves; the text format follows the same rule.
-        eot_source = "spec" if eot_token else "template" if detected else "eos"
-        chat = JinjaTemplate(tokenizer, source, eot, bos="", eos=eos, eot_source=eot_source)
+                             f"({ends.turn!r}): set eot_token: {ends.turn!r}, or remove it to use what the template renders")
+        chat = jinja
     check_template(chat, tokenizer)
     return chat
 
 
 def check_template(chat: ChatTemplate, tokenizer: Any) -> None:
     """Fail early, with the fix, when the template cannot give exact masks with this tokenizer."""
-    ids = tokenizer.encode(chat.eot, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"end-of-turn {chat.eot!r} is {len(ids)} tokens in this tokenizer, not one: add it "
-                         "as a special token, or pick a template whose end-of-turn the tokenizer has")
+    for token in chat.stop_tokens():
+        if len(ids := tokenizer.encode(token, add_special_tokens=False)) != 1:
+            raise ValueError(f"end-of-turn {token!r} is {len(ids)} tokens in this tokenizer, not one: add it "
+                             "as a special token, or pick a template whose end-of-turn the tokenizer has")
     try:
         rendered = chat.render(PROBE_CONVERSATION)
     except RowReject as e:
-        raise ValueError(f"the chat template cannot be used for masking: {e.detail}: set eot_token to the "
-                         "text that ends a reply in this template, or pick a built-in template") from None
+        raise ValueError(f"the chat template cannot be used for masking: {e.detail}: "
+                         "pick a built-in template, or pass a Jinja template that renders each message") from None
     replies = [m["content"] for m in PROBE_CONVERSATION if m["role"] == "assistant"]
     for (start, end), reply in zip(rendered.spans, replies, strict=True):
-        if not rendered.text[start:end].strip().startswith(reply):
+        if not rendered.text[start:end].startswith(reply):
             raise ValueError(f"the chat template does not render the reply {reply!r} where expected")

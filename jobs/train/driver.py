@@ -78,14 +78,15 @@ def run_inputs(spec: TrainingSpec, manifests: list[Manifest]) -> RunInputs:
     # if they were prepared with other templates, which the note in docs/training-spec.md covers).
     first = manifests[0]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return RunInputs(first.template.chat_template, stop_ids(tokenizer, first.template.eot), pad)
+    return RunInputs(first.template.chat_template, stop_ids(tokenizer, first.template.stop_tokens or [first.template.eot]),
+                     pad)
 
 
-def stop_ids(tokenizer: Any, eot: str) -> list[int]:
-    """Where generation stops (evaluation, and the export's generation config): the end of turn
-    the model was trained to emit, then eos when that differs."""
-    eot_id = tokenizer.convert_tokens_to_ids(eot)
-    return list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if i is not None))
+def stop_ids(tokenizer: Any, stop_tokens: list[str]) -> list[int]:
+    """Where generation stops (evaluation, and the export's generation config): every token that
+    ends a reply the model was trained on, then eos when that differs."""
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in stop_tokens]
+    return list(dict.fromkeys(i for i in (*ids, tokenizer.eos_token_id) if i is not None))
 
 
 def build_trainer(spec: TrainingSpec, manifests: list[Manifest], inputs: RunInputs,

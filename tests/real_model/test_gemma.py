@@ -43,4 +43,4 @@ def test_the_gemma_template_masks_exactly_with_gemmas_own_tokenizer(gemma):
                 {"role": "user", "content": "Another?"},
                 {"role": "assistant", "content": "Blue."}]
     assert trained_runs(tokenizer, messages, chat) == ["Red is a primary colour.<end_of_turn>", "Blue.<end_of_turn>"]
-    assert stop_ids(tokenizer, chat.eot)[0] == tokenizer.convert_tokens_to_ids("<end_of_turn>") == 106
+    assert stop_ids(tokenizer, chat.stop_tokens())[0] == tokenizer.convert_tokens_to_ids("<end_of_turn>") == 106

@@ -31,8 +31,14 @@ def rows_table(rows):
         "path": [f"f{r[1]}" for r in rows], "line": pa.array([r[2] + 1 for r in rows], pa.int64()),
         "raw": ["{}"] * len(rows), "key": [r[3] for r in rows],
         "reason": [r[4] for r in rows], "detail": [""] * len(rows),
-        "input_ids": list_array(ids), "labels": list_array(labels), "truncated": [False] * len(rows),
+        "input_ids": list_array(ids), "labels": list_array(labels), "sample_lens": sample_lens(ids),
+        "truncated": [False] * len(rows),
     })
+
+
+def sample_lens(ids):
+    """One sample per usable row, none for a rejected one."""
+    return list_array([np.array([len(i)] if len(i) else [], np.int32) for i in ids])
 
 
 def spec(**source_options):
@@ -132,9 +138,10 @@ def test_max_samples_keeps_the_first_rows_of_a_source_in_file_order():
 def test_the_data_card_shows_the_samples_with_the_most_trained_runs(labels, shown):
     table = rows_table([(0, 0, 0, hexkey(1), ""), (0, 0, 1, hexkey(2), ""), (0, 0, 2, hexkey(3), "")])
     ids = [np.arange(n, dtype=np.int32) for n in (3, len(labels), 2)]
-    table = table.drop_columns(["input_ids", "labels"]).append_column("input_ids", list_array(ids)).append_column(
+    table = table.drop_columns(["input_ids", "labels", "sample_lens"]).append_column(
+        "input_ids", list_array(ids)).append_column(
         "labels", list_array([np.array([-100, 2, 3], np.int32), np.array(labels, np.int32),
-                              np.array([-100, 5], np.int32)]))
+                              np.array([-100, 5], np.int32)])).append_column("sample_lens", sample_lens(ids))
     _, totals = run(spec(), table)
     assert totals.shown == [row_order(0, row) for row in shown]
 

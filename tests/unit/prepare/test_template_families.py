@@ -53,7 +53,7 @@ def test_trained_tokens_are_exactly_each_reply_and_its_end_of_turn(family):
 
 def test_generation_stops_at_the_trained_end_of_turn(family):
     fam, tokenizer = family
-    stops = stop_ids(tokenizer, build_template(TemplateName.TOKENIZER, tokenizer).eot)
+    stops = stop_ids(tokenizer, build_template(TemplateName.TOKENIZER, tokenizer).stop_tokens())
     assert stops[0] == tokenizer.convert_tokens_to_ids(fam.eot)
     assert tokenizer.eos_token_id in stops
 
@@ -72,13 +72,5 @@ def test_a_wrong_eot_token_is_refused_with_the_one_to_use(tiny_model, tmp_path):
     with pytest.raises(ValueError, match=r"eot_token '<\|endoftext\|>' is not what this template renders after a reply "
                                          r"\('<\|im_end\|>'\): set eot_token: '<\|im_end\|>'"):
         build_template(TemplateName.TOKENIZER, tokenizer, eot_token="<|endoftext|>")
-    assert build_template(TemplateName.TOKENIZER, tokenizer, eot_token="<|im_end|>").eot_source == "spec"
-
-
-def test_reasoning_the_template_drops_from_an_earlier_turn_is_rejected_not_mistrained(tiny_model, tmp_path):
-    qwen3 = next(f for f in FAMILIES if f.name == "qwen3")
-    chat = build_template(TemplateName.TOKENIZER, family_tokenizer(qwen3, tiny_model, tmp_path))
-    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>greet back</think>Hello!"},
-               {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]
-    with pytest.raises(RowReject, match="turn 1 \\(assistant\\) is not rendered verbatim"):
-        chat.render(history)
+    # Naming what the template renders confirms it: the terminators still come from the template.
+    assert build_template(TemplateName.TOKENIZER, tokenizer, eot_token="<|im_end|>").eot == "<|im_end|>"
