@@ -154,7 +154,7 @@ def prepare(spec: DatasetSpec, options: Options = Options()) -> Manifest:
         with step("packed, assembled and written"):
             parts = decided.map(emit_samples, partitions=partition_counts(totals.tokens)).per_group(
                 "group", write_part, PARTS_SCHEMA, fs=fs, base=base, bfd=spec.packing is Packing.BFD,
-                capacity=spec.max_seq_length)
+                capacity=spec.max_seq_length, seed=spec.seed)
         parts = parts.sort_by([("split", "ascending"), ("name", "ascending")])  # train, then val
         if (written := sum(parts.column("samples").to_pylist())) != sum(totals.samples.values()):
             raise RuntimeError(f"row accounting broken: {written} samples written, {sum(totals.samples.values())} counted")

@@ -63,15 +63,18 @@ def emit_samples(decided: pa.Table, partitions: list[int]) -> pa.Table:
                      "input_ids": tokens.column("input_ids"), "labels": tokens.column("labels")}, schema=SAMPLES_SCHEMA)
 
 
-def write_part(samples: pa.Table, fs: Any, base: str, bfd: bool, capacity: int) -> pa.Table:
+def write_part(samples: pa.Table, fs: Any, base: str, bfd: bool, capacity: int, seed: int) -> pa.Table:
     """Pack one partition's samples (in order, best-fit-decreasing or one per row), assemble its
-    rows and write them as `split/part-NNNNN.parquet`."""
+    rows and write them as `split/part-NNNNN.parquet`, in a seeded random order: packing lays
+    rows out longest first, and nothing downstream may depend on that."""
     group = samples.column("group")[0].as_py()
     split, part = SPLITS[group >> SPLIT_BITS], group & ((1 << SPLIT_BITS) - 1)
     samples = samples.take(pc.sort_indices(samples, sort_keys=[("order", "ascending")]))
     lengths = pc.list_value_length(samples.column("input_ids").combine_chunks()).to_numpy(zero_copy_only=False)
     row, slot = layout(lengths, bfd, capacity)
-    table = assemble_rows(samples.append_column("row", pa.array(row)).append_column("slot", pa.array(slot)))
+    permuted = np.random.default_rng([seed, group]).permutation(int(row.max()) + 1 if len(row) else 0)
+    table = assemble_rows(samples.append_column("row", pa.array(permuted[row].astype(np.int32)))
+                          .append_column("slot", pa.array(slot)))
     name = f"{split}/part-{part:05d}.parquet"
     fs.create_dir(posixpath.join(base, split), recursive=True)
     pq.write_table(table, posixpath.join(base, name), filesystem=fs)

@@ -12,9 +12,10 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
@@ -34,33 +35,50 @@ log = logging.getLogger("raysft.train")
 IN_MEMORY_MAX_BYTES = 256 << 20
 
 
+@dataclass
+class Splits:
+    """The data the workers read. A training split that fits `in_memory_max_bytes` is one Arrow
+    table, the datasets' rows one after the other, that every worker reads in `data_order`'s
+    order (a fresh one each epoch, datasets interleaved by weight). A larger one is streamed from
+    storage: its blocks in a seeded random order, datasets mixed by weight (whole copies, and a
+    seeded Bernoulli sample for a fraction), shuffled by each worker within `data_order.SHUFFLE_BUFFER_ROWS`."""
+
+    train_table: pa.Table | None = None
+    train_sizes: list[int] = field(default_factory=list)  # rows of each dataset in train_table
+    train: Any = None  # a Ray Dataset, when streamed
+    val: Any = None  # a Ray Dataset of every dataset's validation rows, or None
+
+
 def datasets(spec: TrainingSpec, manifests: list[Manifest],
-             in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES) -> dict[str, Any]:
-    """Ray Datasets of the train and val splits, datasets mixed by weight: each whole unit of
-    weight repeats every row, the fraction adds a seeded Bernoulli sample. A small split is
-    materialized: epochs then split blocks already in the object store."""
-    splits: dict[str, list] = {split: [] for split in SPLITS}
-    in_memory = {split: sum(m.split_bytes(split) for m in manifests) <= in_memory_max_bytes for split in splits}
+             in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES) -> Splits:
+    """The train and val splits of the prepared datasets (see `Splits`). A small validation
+    split is materialized: evaluations then read blocks already in the object store."""
+    in_memory = {split: sum(m.split_bytes(split) for m in manifests) <= in_memory_max_bytes for split in SPLITS}
+    out, streamed, val = Splits(), [], []
     for ref, manifest in zip(spec.datasets, manifests, strict=True):
         fs, base = storage.filesystem(ref.uri)
-        for split in splits:
-            if manifest.rows(split) == 0:
-                continue
-            if in_memory[split]:
-                ds = ray.data.from_arrow(pq.read_table(f"{base}/{split}", filesystem=fs))
-            else:
-                ds = ray.data.read_parquet(f"{base}/{split}", filesystem=fs)
+        if in_memory["train"]:
+            out.train_sizes.append(manifest.rows("train"))
+            tables = [pq.read_table(f"{base}/train", filesystem=fs)] if manifest.rows("train") else []
+            out.train_table = pa.concat_tables(([out.train_table] if out.train_table else []) + tables)
+        elif manifest.rows("train"):
+            ds = ray.data.read_parquet(f"{base}/train", filesystem=fs)
             whole, frac = int(ref.weight), ref.weight - int(ref.weight)
-            splits[split].extend([ds] * whole + ([ds.random_sample(frac, seed=spec.seed)] if frac else []))
+            streamed.extend([ds] * whole + ([ds.random_sample(frac, seed=spec.seed)] if frac else []))
+        if manifest.rows("val"):
+            val.append(ray.data.from_arrow(pq.read_table(f"{base}/val", filesystem=fs)) if in_memory["val"]
+                       else ray.data.read_parquet(f"{base}/val", filesystem=fs))
     # The same rows in the same order on every run, here as in the workers' ingest.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    mixed = {}
-    for name, parts in splits.items():
-        if parts:
-            ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-            mixed[name] = ds.materialize() if in_memory[name] else ds
-            log.info("train: %s split %s", name, "held in memory" if in_memory[name] else "streamed from storage")
-    return mixed
+    if streamed:
+        out.train = (streamed[0].union(*streamed[1:]) if len(streamed) > 1 else streamed[0]).randomize_block_order(
+            seed=spec.seed)
+    if val:
+        out.val = val[0].union(*val[1:]) if len(val) > 1 else val[0]
+        out.val = out.val.materialize() if in_memory["val"] else out.val
+    log.info("train: train split %s, val split %s", "held in memory" if in_memory["train"] else "streamed from storage",
+             "held in memory" if in_memory["val"] else "streamed from storage")
+    return out
 
 
 @dataclass(frozen=True)
@@ -101,16 +119,20 @@ def build_trainer(spec: TrainingSpec, manifests: list[Manifest], inputs: RunInpu
     # The same batches in the same order on every run: what makes a resumed run exact.
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
-    has_val = "val" in data
+    has_val = data.val is not None
     log.info("train: %d steps, %d workers, run %s", steps, spec.scaling.num_workers, spec.run_uri)
+    # A training split held in memory goes to every worker once, through the object store (a
+    # node's workers share one copy); each reads its rows of each epoch's order from it.
+    held = None if data.train_table is None else {"table": ray.put(data.train_table), "sizes": data.train_sizes,
+                                                  "weights": [ref.weight for ref in spec.datasets]}
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.model_dump_json(), "total_steps": steps, "pad_id": inputs.pad_id,
                            "chat_template": inputs.chat_template, "stop_ids": inputs.stop_ids,
-                           "run_uri": spec.run_uri, "has_val": has_val},
+                           "run_uri": spec.run_uri, "has_val": has_val, "train_held": held},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=resources),
-        datasets=data,
+        datasets={name: ds for name, ds in (("train", data.train), ("val", data.val)) if ds is not None},
         dataset_config=DataConfig(execution_options=ingest),
         run_config=RunConfig(
             name=spec.name, storage_path=path, storage_filesystem=fs,

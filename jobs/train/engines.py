@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-from jobs.train.spec import DeepSpeedStrategy, DType, Scheduler, TrainingSpec
+from jobs.train.spec import DeepSpeedStrategy, DType, Method, Scheduler, TrainingSpec, torch_dtype
 
 STATE_TAG = "state"
 
 
 def lr_lambda(spec: TrainingSpec, total_steps: int):
-    warmup = int(spec.optim.warmup_ratio * total_steps)
+    optim = spec.optim
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -36,10 +37,19 @@ def lr_lambda(spec: TrainingSpec, total_steps: int):
     return factor
 
 
+def adamw_settings(spec: TrainingSpec) -> dict[str, Any]:
+    optim = spec.optim
+    return {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+
+
+def _scheduler(spec: TrainingSpec, total_steps: int):
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+
+
 def _optimizer(spec: TrainingSpec, model: torch.nn.Module, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.optim.lr, weight_decay=spec.optim.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))
+    optimizer = torch.optim.AdamW(params, **adamw_settings(spec))
+    return optimizer, _scheduler(spec, total_steps)(optimizer)
 
 
 def deepspeed_checkpoint_types() -> list[type]:
@@ -80,10 +90,18 @@ class DeepSpeedEngine:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        optimizer, scheduler = _optimizer(spec, model, total_steps)
         self.sharded = strategy.zero_stage == 3
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=config)
+        if strategy.offload_optimizer:
+            # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's own Adam, built from the
+            # config (it refuses a client optimizer); the schedule is ours, given the optimizer.
+            config["optimizer"] = {"type": "AdamW", "params": adamw_settings(spec)}
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                lr_scheduler=_scheduler(spec, total_steps), config=config)
+        else:
+            optimizer, scheduler = _optimizer(spec, model, total_steps)
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                        config=config)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -120,6 +138,54 @@ class DeepSpeedEngine:
         self.engine.load_checkpoint(str(directory), tag=STATE_TAG)
 
 
+class MixedPrecision:
+    """bf16 or fp16 compute over fp32 trainable weights, for an engine with no mixed precision of
+    its own (DDP): the forward runs under autocast, the optimizer steps the fp32 weights, and fp16
+    scales the loss (a dynamic `GradScaler`) so small gradients do not underflow. fp32: a no-op."""
+
+    def __init__(self, dtype: DType, device_type: str):
+        self.device_type = device_type
+        self.compute = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16}.get(dtype)
+        self.scaler = torch.amp.GradScaler(device_type) if dtype is DType.FP16 else None
+
+    def autocast(self):
+        if self.compute is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.compute)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, params, max_norm: float) -> float:
+        """Clip the true (unscaled) gradients and step; an fp16 step with inf/NaN gradients is
+        skipped and the scale lowered. Returns the gradient norm."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        return float(norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict() if self.scaler else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler and state:
+            self.scaler.load_state_dict(state)
+
+
+def weights_dtype(spec: TrainingSpec) -> torch.dtype:
+    """The dtype the model's weights load in. Trained weights stay fp32 under DDP (the fp32 master
+    copy mixed precision steps; LoRA adapters are fp32 whatever the base, as peft casts them);
+    DeepSpeed keeps its own fp32 master copy, so its model loads in the compute dtype."""
+    if spec.method is Method.FULL and not isinstance(spec.strategy, DeepSpeedStrategy):
+        return torch.float32
+    return torch_dtype(spec.model.dtype)
+
+
 class DdpEngine:
     def __init__(self, spec: TrainingSpec, model: torch.nn.Module, total_steps: int):
         import ray.train.torch
@@ -128,26 +194,27 @@ class DdpEngine:
         self.sharded = False
         self.model = ray.train.torch.prepare_model(model)
         self.optimizer, self.scheduler = _optimizer(spec, model, total_steps)
+        self.precision = MixedPrecision(spec.model.dtype, "cuda" if spec.scaling.use_gpu else "cpu")
 
     @property
     def module(self) -> torch.nn.Module:
         return getattr(self.model, "module", self.model)
 
     def forward(self, **inputs):
-        return self.model(**inputs)
+        with self.precision.autocast():
+            return self.model(**inputs)
 
     def gathered(self, param: torch.nn.Parameter):
         return nullcontext()  # every replica holds every parameter
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> float | None:
-        loss.backward()
+        self.precision.backward(loss)
         if not boundary:
             return None
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optim.max_grad_norm)
-        self.optimizer.step()
+        norm = self.precision.step(self.optimizer, self.model.parameters(), self.spec.optim.max_grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -163,7 +230,8 @@ class DdpEngine:
         if ray.train.get_context().get_world_rank() != 0:
             return False
         torch.save({"model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict()}, directory / "ddp_state.pt")
+                    "scheduler": self.scheduler.state_dict(), "scaler": self.precision.state_dict()},
+                   directory / "ddp_state.pt")
         return True
 
     def load(self, directory: Path) -> None:
@@ -175,6 +243,7 @@ class DdpEngine:
         self.module.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state.get("scaler", {}))
 
 
 def make_engine(spec: TrainingSpec, model: torch.nn.Module, total_steps: int) -> DeepSpeedEngine | DdpEngine:

@@ -19,6 +19,7 @@ order with the same random streams as one that never stopped.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import shutil
 import tempfile
@@ -35,12 +36,13 @@ import torch.distributed as dist
 from jobs.common import model_source, run_layout, storage, tokenizer_files
 from jobs.common.contract import TOKEN_COLUMNS
 from jobs.train.checkpoint import Position, restore, write_checkpoint
-from jobs.train.engines import make_engine
+from jobs.train.data_order import SHUFFLE_BUFFER_ROWS, epoch_order, worker_rows
+from jobs.train.engines import make_engine, weights_dtype
 from jobs.train.evaluate import evaluate, generate_answers
 from jobs.train.export import export
 from jobs.train.metrics_log import MetricsLog
-from jobs.train.packed_batch import collate, micro_batch_loss, trained_tokens
-from jobs.train.spec import Attention, CheckpointUpload, Method, TrainingSpec, torch_dtype
+from jobs.train.packed_batch import collate, micro_batch_loss, static_flex_shapes, trained_tokens
+from jobs.train.spec import Attention, CheckpointUpload, ExportCheckpoint, Method, TrainingSpec
 from jobs.train.tracking import Trackers
 
 # ---------------------------------------------------------------- setup
@@ -51,15 +53,19 @@ def load_model(spec: TrainingSpec, model_dir: str) -> torch.nn.Module:
     with a LoRA adapter unless the method is full."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch_dtype(spec.model.dtype)
+    dtype = weights_dtype(spec)
     quantized = {}
     if spec.method is Method.QLORA:
         from transformers import BitsAndBytesConfig
 
         # 4-bit weights are placed as they load, on this worker's GPU (Ray Train sets it current).
-        quantized = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
-                     "device_map": {"": torch.cuda.current_device()}}
+        q = spec.quantization
+        config = (BitsAndBytesConfig(load_in_8bit=True) if q.bits == 8 else
+                  BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                                     bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype))
+        quantized = {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+    if spec.model.attn_implementation is Attention.FLEX_ATTENTION:
+        static_flex_shapes()
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, attn_implementation=spec.model.attn_implementation.value,
         use_safetensors=True, trust_remote_code=spec.model.trust_remote_code, **quantized)
@@ -75,7 +81,7 @@ def load_model(spec: TrainingSpec, model_dir: str) -> torch.nn.Module:
 
     lora = spec.lora
     return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+                                            target_modules=lora.target_modules, bias=lora.bias, task_type="CAUSAL_LM"))
 
 
 def local_model_dir(uri: str, scratch: Path) -> str:
@@ -150,21 +156,45 @@ class StepBatches:
     trainable: int = 0  # tokens carrying loss: the step's normaliser (summed over workers)
 
 
-def step_batches(shard, spec: TrainingSpec, pad_id: int, position: Position) -> Iterator[StepBatches]:
-    """This epoch's optimizer steps, starting after the micro-batches `position.cursor` says were
-    consumed; the cursor advances as steps are handed out."""
-    micro, accum = spec.batch.micro_batch_size, spec.batch.grad_accum
-    block_mask = spec.model.attn_implementation is not Attention.FLASH_ATTENTION_2
+def epoch_batches(config: dict[str, Any], shard, spec: TrainingSpec, epoch: int, skip: int, rank: int,
+                  world: int) -> Iterator[dict[str, np.ndarray]]:
+    """This worker's micro-batches of one epoch, after the first `skip`: from the split held in
+    memory in this epoch's order (`data_order`), or streamed from this worker's shard, shuffled
+    within a buffer whose seed changes every epoch."""
+    import ray
+
+    micro = spec.batch.micro_batch_size
+    if (held := config["train_held"]) is None:
+        batches = shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
+                                     local_shuffle_seed=spec.seed + epoch)
+        yield from itertools.islice(batches, skip, None)
+        return
+    table = ray.get(held["table"])  # zero-copy from this node's object store
+    yield from held_batches(table, held["sizes"], held["weights"], spec.seed, epoch, skip, rank, world, micro)
+
+
+def held_batches(table, sizes: list[int], weights: list[float], seed: int, epoch: int, skip: int, rank: int,
+                 world: int, micro: int) -> Iterator[dict[str, np.ndarray]]:
+    """Micro-batches of a worker's rows of an epoch from the table of every dataset's rows."""
+    rows = worker_rows(epoch_order(sizes, weights, seed, epoch), rank, world)
+    for start in range(skip * micro, len(rows) - micro + 1, micro):
+        batch = table.take(rows[start:start + micro])
+        yield {column: batch.column(column).to_numpy(zero_copy_only=False) for column in table.column_names}
+
+
+def step_batches(batches: Iterator[dict[str, np.ndarray]], spec: TrainingSpec, pad_id: int,
+                 position: Position) -> Iterator[StepBatches]:
+    """This epoch's optimizer steps from its micro-batches (the first `position.cursor` already
+    skipped); the cursor advances as steps are handed out."""
     pending = StepBatches([])
-    for i, batch in enumerate(shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True)):
-        if i < position.cursor:
-            continue
+    for i, batch in enumerate(batches, start=position.cursor):
         rows = _rows(batch)
-        pending.batches.append(collate(rows, pad_id, block_mask))
+        pending.batches.append(collate(rows, pad_id, spec.model.attn_implementation))
         pending.trainable += trained_tokens(pending.batches[-1])
         pending.samples += sum(len(r["seq_lens"]) for r in rows)
         pending.tokens += sum(len(r["input_ids"]) for r in rows)
-        if len(pending.batches) == accum:
+        if len(pending.batches) == spec.batch.grad_accum:
             position.cursor = i + 1
             yield pending
             pending = StepBatches([])
@@ -177,9 +207,8 @@ def validation_batches(shard, spec: TrainingSpec, pad_id: int) -> Iterator[dict[
     on the CPU smoke run; one streamed from storage starts its read tasks again (docs/benchmarks.md)."""
     if shard is None:
         return
-    block_mask = spec.model.attn_implementation is not Attention.FLASH_ATTENTION_2
     for batch in shard.iter_batches(batch_size=spec.batch.micro_batch_size, batch_format="numpy"):
-        yield collate(_rows(batch), pad_id, block_mask)
+        yield collate(_rows(batch), pad_id, spec.model.attn_implementation)
 
 
 def all_reduce_sum(value: float) -> float:
@@ -216,7 +245,7 @@ def train_loop(config: dict[str, Any]) -> None:
                   f"micro-batch {position.cursor}) after {position.failures} failure(s)", flush=True)
     log = MetricsLog(config["run_uri"], position.global_step,
                      trackers=Trackers(spec, config["run_uri"])) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard("train") if config["train_held"] is None else None
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
 
     if spec.eval.at_start and position.global_step == 0:  # the base model, before any step
@@ -230,9 +259,10 @@ def train_loop(config: dict[str, Any]) -> None:
             print(json.dumps(metrics), flush=True)
 
     # Train: one optimizer step per `grad_accum` micro-batches, until `total_steps`.
-    window, clock = LogWindow(), time.perf_counter()
+    window, clock, metrics = LogWindow(), time.perf_counter(), {}
     while position.global_step < total_steps:
-        for step in step_batches(shard, spec, pad_id, position):
+        batches = epoch_batches(config, shard, spec, position.epoch, position.cursor, rank, world)
+        for step in step_batches(batches, spec, pad_id, position):
             window.add(train_step(engine, step, world), step, time.perf_counter() - clock)
             position.global_step += 1
             n = position.global_step
@@ -263,12 +293,27 @@ def train_loop(config: dict[str, Any]) -> None:
         else:  # the epoch's data ran out before total_steps
             position.epoch, position.cursor = position.epoch + 1, 0
 
-    # Cleanup: rank 0 turns the final checkpoint into models ready to serve.
+    # Cleanup: rank 0 turns the final (or best) checkpoint into models ready to serve.
     if rank == 0:
         log.close()
-        export(ray.train.get_checkpoint(), spec, config["stop_ids"], pad_id, model_dir,
-               run_layout.export_uri(config["run_uri"]))
+        chosen = export_checkpoint(spec, config["run_uri"], ray.train.get_checkpoint(), metrics.get("eval_loss"))
+        export(chosen, spec, config["stop_ids"], pad_id, model_dir, run_layout.export_uri(config["run_uri"]))
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def export_checkpoint(spec: TrainingSpec, run_uri: str, final, final_eval_loss: float | None):
+    """The checkpoint `export.checkpoint` asks for: the final one, or the registered one with the
+    lowest eval loss when it beats the final one's."""
+    import ray.train
+
+    if spec.export.checkpoint is ExportCheckpoint.LATEST or final_eval_loss is None:
+        return final
+    best = run_layout.registered(run_uri)
+    if best.best is None or best.best_eval_loss is None or best.best_eval_loss >= final_eval_loss:
+        return final
+    print(f"exporting {best.best} (eval loss {best.best_eval_loss:.4f} < final {final_eval_loss:.4f})", flush=True)
+    fs, path = storage.filesystem(best.best)
+    return ray.train.Checkpoint(path=path, filesystem=fs)
 
 
 def train_step(engine, step: StepBatches, world: int) -> tuple[float, float | None]:

@@ -4,7 +4,11 @@ Rows from `jobs.prepare` hold several samples back to back (`seq_lens`, `positio
 restarting at 0). On sdpa/eager attention a block-diagonal causal mask keeps each sample from
 seeing its neighbours, so a packed row computes exactly what its samples would alone. Flash
 attention gets no mask: transformers reads the sample boundaries from `position_ids` (each
-restart at 0 opens a sequence) and runs the varlen kernel, which never builds the L x L mask.
+restart at 0 opens a sequence) and runs the varlen kernel, which never builds the L x L mask;
+it does so only for a batch of one row, so the micro-batch's rows are laid end to end in one
+row without padding (as TRL's padding-free collator does). Flex attention takes the same single
+row with a document mask (`BlockMask`: same sample and causal). No loss crosses a row boundary
+there: the first token of every sample carries no label.
 
 The loss of a step is the sum of token losses over every trainable token of the *effective*
 batch (all micro-batches of the step, on all workers) divided by that token count. Each
@@ -21,11 +25,30 @@ import torch
 import torch.nn.functional as F
 
 from jobs.common.contract import IGNORE_INDEX
+from jobs.train.spec import Attention
 
 
-def collate(rows: Sequence[dict[str, np.ndarray]], pad_id: int, block_mask: bool = True) -> dict[str, torch.Tensor]:
-    """Pad rows (input_ids, labels, position_ids, seq_lens) to the longest; build the attention mask
-    unless `block_mask` is False (flash attention's varlen path reads `position_ids` instead)."""
+def collate(rows: Sequence[dict[str, np.ndarray]], pad_id: int,
+            attention: Attention = Attention.SDPA) -> dict[str, torch.Tensor]:
+    """The micro-batch as `attention` keeps its samples apart: rows (input_ids, labels,
+    position_ids, seq_lens) padded to the longest with a block-diagonal causal mask (sdpa, eager),
+    or laid end to end in one row (flash attention reads `position_ids`; flex gets a document mask)."""
+    if attention in (Attention.FLASH_ATTENTION_2, Attention.FLEX_ATTENTION):
+        seq_lens = np.concatenate([r["seq_lens"] for r in rows])
+        parts = {key: [r[key] for r in rows] for key in ("input_ids", "labels", "position_ids")}
+        if attention is Attention.FLEX_ATTENTION:
+            # Flex attention is compiled per shape: padding the row to a power of two bounds the
+            # compilations to a handful per run (the padding is a sample of its own, untrained).
+            total = int(seq_lens.sum())
+            padding = max(FLEX_MIN_LENGTH, 1 << (total - 1).bit_length()) - total
+            parts["input_ids"].append(np.full(padding, pad_id))
+            parts["labels"].append(np.full(padding, IGNORE_INDEX))
+            parts["position_ids"].append(np.arange(padding))
+            seq_lens = np.append(seq_lens, padding) if padding else seq_lens
+        flat = {key: torch.as_tensor(np.concatenate(values), dtype=torch.long)[None] for key, values in parts.items()}
+        if attention is Attention.FLEX_ATTENTION:
+            flat["attention_mask"] = document_mask(seq_lens)
+        return flat
     length = max(len(r["input_ids"]) for r in rows)
     batch = len(rows)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
@@ -39,10 +62,35 @@ def collate(rows: Sequence[dict[str, np.ndarray]], pad_id: int, block_mask: bool
         position_ids[b, :n] = torch.as_tensor(row["position_ids"], dtype=torch.long)
         segments[b, :n] = torch.repeat_interleave(torch.arange(len(row["seq_lens"])),
                                                   torch.as_tensor(row["seq_lens"], dtype=torch.long))
-    collated = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-    if block_mask:
-        collated["attention_mask"] = block_causal_mask(segments)
-    return collated
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": block_causal_mask(segments)}
+
+
+FLEX_MIN_LENGTH = 128  # flex attention's block size
+
+
+def static_flex_shapes() -> None:
+    """Compile flex attention for each row length as it is (a handful: `collate` pads to powers of
+    two). torch 2.13's inductor fails to compile flex attention on CPU for dynamic shapes, which
+    it switches to after the second distinct length."""
+    import torch._dynamo
+
+    torch._dynamo.config.automatic_dynamic_shapes = False
+
+
+def document_mask(seq_lens: np.ndarray):
+    """Flex attention's `BlockMask` over one row of samples of these lengths: a token sees the
+    tokens before it in its own sample."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = torch.as_tensor(seq_lens, dtype=torch.long)
+    document = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    total = int(lengths.sum())
+
+    def same_sample_causal(batch, head, q, kv):
+        return (document[q] == document[kv]) & (q >= kv)
+
+    return create_block_mask(same_sample_causal, B=None, H=None, Q_LEN=total, KV_LEN=total, device="cpu")
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from jobs.common.contract import Manifest
 from jobs.common.spec import SpecError
+from jobs.train.data_order import epoch_rows
 from jobs.train.spec import DeepSpeedStrategy, DType, Method, TrainingSpec
 
 GIB = 1024**3
@@ -22,9 +23,9 @@ BYTES = {DType.FP32: 4, DType.BF16: 2, DType.FP16: 2}
 
 
 def planned_train_rows(spec: TrainingSpec, manifests: list[Manifest]) -> int:
-    """Packed training rows per epoch, datasets mixed by weight (a fractional weight's sample
-    counted at its expected size, rounded down)."""
-    return sum(int(m.rows("train") * ref.weight) for m, ref in zip(manifests, spec.datasets, strict=True))
+    """Packed training rows per epoch, datasets mixed by weight (`data_order`: int(rows * weight)
+    of each; a streamed split's fractional sample counted at its expected size, rounded down)."""
+    return epoch_rows([m.rows("train") for m in manifests], [ref.weight for ref in spec.datasets])
 
 
 def total_steps(spec: TrainingSpec, train_rows: int) -> int:

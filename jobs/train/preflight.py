@@ -40,6 +40,9 @@ def check_environment(spec: TrainingSpec, cluster_gpus: float,
             problems.append("method: qlora needs a GPU (4-bit kernels): use method: lora on CPU")
         if spec.model.attn_implementation is Attention.FLASH_ATTENTION_2:
             problems.append("model.attn_implementation: flash_attention_2 needs a GPU: use sdpa")
+        if spec.model.attn_implementation is Attention.FLEX_ATTENTION:
+            problems.append("model.attn_implementation: flex_attention trains only on a GPU (torch has no flex "
+                            "attention backward on CPU): use sdpa")
         if spec.model.dtype is not DType.FP32:
             problems.append(f"model.dtype: {spec.model.dtype.value} needs a GPU here: use fp32 on CPU")
     else:

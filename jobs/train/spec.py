@@ -33,6 +33,7 @@ class Attention(StrEnum):
     SDPA = "sdpa"
     EAGER = "eager"
     FLASH_ATTENTION_2 = "flash_attention_2"  # GPU only
+    FLEX_ATTENTION = "flex_attention"  # torch's flex attention, a document mask per sample (CPU too)
 
 
 class Method(StrEnum):
@@ -53,7 +54,8 @@ class ModelSpec(SpecModel):
     uri: ModelUri = Field(description="HF model directory, safetensors only: a local path, s3://, or a Hugging Face "
                           "id (hf://org/name[@revision], or org/name where no such local path exists).")
     dtype: DType = Field(DType.BF16, description="Compute dtype: bf16 | fp16 (GPU) or fp32 (CPU runs).")
-    attn_implementation: Attention = Field(Attention.SDPA, description="sdpa | eager | flash_attention_2 (GPU).")
+    attn_implementation: Attention = Field(Attention.SDPA, description="sdpa | eager | flash_attention_2 (GPU) | "
+                                      "flex_attention: each keeps packed samples apart.")
     trust_remote_code: bool = Field(False, description="Run the model repository's own code (off unless set).")
 
 
@@ -72,6 +74,16 @@ class LoraSpec(SpecModel):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="`all-linear` or module names such as [q_proj, v_proj].")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train with the adapter "
+                                                      "(peft's `bias`): none | all | lora_only.")
+
+
+class QuantizationSpec(SpecModel):
+    """How `method: qlora` quantizes the frozen base weights (bitsandbytes, GPU only)."""
+
+    bits: Literal[4, 8] = Field(4, description="4 (NF4/FP4) or 8 (LLM.int8()).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too.")
 
 
 class DeepSpeedStrategy(SpecModel):
@@ -103,8 +115,18 @@ class OptimSpec(SpecModel):
     lr: float = Field(2.0e-4, gt=0, le=1, description="Peak learning rate.")
     scheduler: Scheduler = Field(Scheduler.COSINE, description="cosine | linear | constant after warm-up.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; overrides warmup_ratio when set.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's (beta1, beta2).")
+    eps: float = Field(1e-8, gt=0, description="AdamW's epsilon.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas {list(betas)}: each must be in [0, 1), e.g. [0.9, 0.999]")
+        return betas
 
 
 class BatchSpec(SpecModel):
@@ -183,10 +205,18 @@ class TrackingSpec(SpecModel):
     project: str = Field("raysft", min_length=1, max_length=128, description="MLflow experiment / W&B project.")
 
 
+class ExportCheckpoint(StrEnum):
+    LATEST = "latest"  # the final step's weights
+    BEST = "best"  # the checkpoint with the lowest eval loss, when a validation split is evaluated
+
+
 class ExportSpec(SpecModel):
     """What the job leaves ready to serve."""
 
     merge_lora: bool = Field(True, description="Also write base+adapter merged weights (safetensors).")
+    checkpoint: ExportCheckpoint = Field(ExportCheckpoint.LATEST, description="Which checkpoint is exported: "
+                                         "`latest` (the final step) or `best` (lowest eval loss among the kept "
+                                         "checkpoints and the final one; the final one when nothing is evaluated).")
 
 
 class TrainingSpec(SpecModel):
@@ -197,6 +227,8 @@ class TrainingSpec(SpecModel):
     datasets: list[DatasetRef] = Field(min_length=1, description="Prepared datasets, mixed by weight.")
     method: Method = Field(Method.LORA, description="lora | qlora | full.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings (lora, qlora).")
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec,
+                                           description="Base-weight quantization for qlora.")
     strategy: DeepSpeedStrategy | DdpStrategy = Field(
         default_factory=DeepSpeedStrategy, discriminator="kind", description="deepspeed or ddp.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and schedule.")

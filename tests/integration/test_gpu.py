@@ -9,6 +9,7 @@ import torch
 
 from jobs.prepare.packing import pack_row
 from jobs.train.packed_batch import collate, token_loss_sum
+from jobs.train.spec import Attention
 
 pytestmark = pytest.mark.gpu
 
@@ -22,21 +23,25 @@ def samples(n: int, seed: int = 0):
     return out
 
 
-def test_flash_attention_packed_row_equals_its_samples_alone(tiny_model):
+def test_flash_attention_packed_micro_batch_equals_its_samples_alone(tiny_model):
+    """A micro-batch of several packed rows, as `lora-zero2-gpu` trains: the real kernel must keep
+    every sample apart."""
     pytest.importorskip("flash_attn")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="flash_attention_2",
                                                  dtype=torch.bfloat16).cuda().eval()
-    parts = samples(4)
+    parts = samples(6)
+    flash = Attention.FLASH_ATTENTION_2
     with torch.no_grad():
-        packed = {k: v.cuda() for k, v in collate([pack_row(parts)], pad_id=0, block_mask=False).items()}
+        rows = [pack_row(parts[:2]), pack_row(parts[2:5]), pack_row(parts[5:])]
+        packed = {k: v.cuda() for k, v in collate(rows, pad_id=0, attention=flash).items()}
         assert "attention_mask" not in packed  # boundaries come from position_ids (varlen)
         total, count = token_loss_sum(model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits,
                                       packed["labels"])
         alone_total, alone_count = 0.0, 0
         for part in parts:
-            one = {k: v.cuda() for k, v in collate([pack_row([part])], pad_id=0, block_mask=False).items()}
+            one = {k: v.cuda() for k, v in collate([pack_row([part])], pad_id=0, attention=flash).items()}
             s, n = token_loss_sum(model(input_ids=one["input_ids"], position_ids=one["position_ids"]).logits, one["labels"])
             alone_total, alone_count = alone_total + float(s), alone_count + n
     assert count == alone_count

@@ -114,10 +114,9 @@ def test_full_finetune_ddp_two_workers(tiny_model, prepared, tmp_path):
 
 def test_datasets_mix_by_weight_held_in_memory_or_streamed(tiny_model, prepared, tmp_path):
     import ray
-    from ray.data.dataset import MaterializedDataset
 
     from jobs.common import ray_runtime
-    from jobs.common.contract import TOKEN_COLUMNS
+    from jobs.train.data_order import epoch_order
     from jobs.train.driver import datasets
     from jobs.train.plan import planned_train_rows
     from jobs.train.preflight import check_datasets
@@ -126,23 +125,20 @@ def test_datasets_mix_by_weight_held_in_memory_or_streamed(tiny_model, prepared,
     spec = load_training_spec(training_spec(tiny_model, prepared, str(tmp_path), datasets=[
         {"uri": str(prepared), "weight": 2.0}, {"uri": str(prepared), "weight": 0.5}]))
     manifests = check_datasets(spec)
-    plain = load_training_spec(training_spec(tiny_model, prepared, str(tmp_path)))
     rows = manifests[0].rows("train")
     ray_runtime.init(num_cpus=2)
     try:
-        in_memory, streamed = datasets(spec, manifests), datasets(spec, manifests, in_memory_max_bytes=0)
-        mixed = {"in memory": in_memory["train"].count(), "streamed": streamed["train"].count()}
-        assert isinstance(in_memory["train"], MaterializedDataset)
-        assert not isinstance(streamed["train"], MaterializedDataset)
-        # Either way, the same rows in the same order: a run does not depend on how it read them.
-        held, read = (datasets(plain, manifests[:1], limit)["train"].to_pandas()[list(TOKEN_COLUMNS)] for limit in (1 << 30, 0))
-        assert held.map(list).equals(read.map(list)) and len(held) == rows
+        held, streamed = datasets(spec, manifests), datasets(spec, manifests, in_memory_max_bytes=0)
+        # Held: each dataset's rows once, one after the other; every epoch's order picks from them.
+        assert held.train is None and held.train_sizes == [rows, rows] and held.train_table.num_rows == 2 * rows
+        assert held.val is not None and held.val.count() == 2 * manifests[0].rows("val")
+        # Streamed: weight 2.0 reads every row twice, weight 0.5 a seeded Bernoulli(0.5) sample.
+        assert streamed.train_table is None
+        assert 2 * rows + 0.3 * rows <= streamed.train.count() <= 2 * rows + 0.7 * rows
     finally:
         ray.shutdown()
     assert planned_train_rows(spec, manifests) == 2 * rows + rows // 2
-    # Weight 2.0: every row twice; weight 0.5: a seeded Bernoulli(0.5) sample of the rows.
-    for count in mixed.values():
-        assert 2 * rows + 0.3 * rows <= count <= 2 * rows + 0.7 * rows, mixed
+    assert len(epoch_order(held.train_sizes, [2.0, 0.5], spec.seed, 0)) == 2 * rows + rows // 2
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(tiny_model, prepared, tmp_path):

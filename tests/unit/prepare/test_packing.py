@@ -73,3 +73,30 @@ def test_assembled_rows_equal_pack_row_whatever_the_order_samples_arrive_in():
     assert rows.num_rows == len(expected)
     for col in ("input_ids", "labels", "position_ids", "seq_lens"):
         assert rows.column(col).to_pylist() == [r[col].tolist() for r in expected], col
+
+
+def test_packed_rows_are_written_in_a_seeded_random_order_not_longest_first(tmp_path):
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from jobs.prepare.outputs import SAMPLES_SCHEMA, write_part
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 60, 400)
+    ids = [np.full(n, i, np.int32) for i, n in enumerate(lengths)]
+    samples = pa.table({"group": np.zeros(len(ids), np.int64), "order": np.arange(len(ids), dtype=np.int64),
+                        "input_ids": list_array(ids), "labels": list_array(ids)}, schema=SAMPLES_SCHEMA)
+
+    def written(seed, name):
+        write_part(samples, pafs.LocalFileSystem(), str(tmp_path / name), bfd=True, capacity=64, seed=seed)
+        return pq.read_table(tmp_path / name / "train/part-00000.parquet")
+
+    first, again, other = written(1, "a"), written(1, "b"), written(2, "c")
+    assert first.equals(again)
+    rows = [sorted(r) for r in first.column("seq_lens").to_pylist()]
+    assert sorted(map(tuple, rows)) == sorted(map(tuple, (sorted(r) for r in other.column("seq_lens").to_pylist())))
+    assert first.column("seq_lens").to_pylist() != other.column("seq_lens").to_pylist()
+    # Best-fit-decreasing opens rows longest sample first: written as laid out, the first rows would
+    # hold the longest samples.
+    firsts = [max(r) for r in rows]
+    assert firsts != sorted(firsts, reverse=True)

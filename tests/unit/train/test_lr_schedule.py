@@ -45,3 +45,9 @@ def test_constant_holds_the_peak_after_warm_up():
 
 def test_a_run_shorter_than_its_warm_up_still_reaches_a_positive_rate():
     assert all(0 < x <= 1 for x in factors("cosine", 0.5, 1))
+
+
+def test_warmup_steps_override_the_ratio():
+    spec = load_training_spec(MINIMAL | {"optim": {"warmup_ratio": 0.5, "warmup_steps": 3}})
+    factor = lr_lambda(spec, 100)
+    assert [round(factor(s), 3) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
