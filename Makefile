@@ -15,7 +15,7 @@ GEMMA3_GGUF := .cache/wheels/gemma3/gemma-3-270m-q4_k_m.gguf
 GEMMA3_SHA256 := a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 GEMMA3_MODEL := .cache/models/gemma-3-270m
 
-.PHONY: setup real-model gemma-model demo demo-jobs test test-slow test-unit soak test-ui test-real-model bench clean
+.PHONY: setup real-model gemma-model demo demo-jobs test test-slow test-unit soak test-ui test-real-model test-parity bench clean
 
 setup: $(STAMP)
 
@@ -68,9 +68,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check jobs service tests benchmarks
 	$(PY) -m pytest -q -m "not slow"
 
-# The long runs make test leaves out (pytest marker `slow`, about 10 minutes): the preparation driver
-# with its address space capped, a killed tokenize task, and training killed and resumed exactly
-# (splits held in memory and streamed), failed checkpoint uploads.
+# The long runs make test leaves out (pytest marker `slow`, about 20 minutes): the preparation driver
+# with its address space capped, a killed tokenize task, training killed and resumed exactly
+# (splits held in memory and streamed, and in a second epoch), failed checkpoint uploads, and every
+# training preset started for two steps on CPU.
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests/integration
 
@@ -91,6 +92,12 @@ test-ui: $(STAMP)
 # and Gemma 3 270M imported, loaded, and masked with its own tokenizer.
 test-real-model: $(STAMP) $(REAL_MODEL)/config.json $(GEMMA3_MODEL)/config.json
 	$(PY) -m pytest -q tests/real_model
+
+# Quality parity with a peer: the real SmolLM2 fine-tuned on a two-dataset mixture by raysft and by
+# TRL's SFTTrainer, three seeds each, held-out loss per dataset compared (about 10 minutes).
+test-parity: $(STAMP) $(REAL_MODEL)/config.json
+	rm -f .cache/parity.json
+	$(PY) -m pytest -q tests/parity; status=$$?; cat .cache/parity.json 2>/dev/null; exit $$status
 
 bench: $(STAMP)
 	$(PY) benchmarks/prepare.py

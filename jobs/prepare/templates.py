@@ -288,8 +288,21 @@ class JinjaTemplate:
         drops is not put back: see `samples`)."""
         if (doc := _render_text(messages, "", self.inserted)) is not None:
             return doc
+        return self._placed(messages)
+
+    def _placed(self, messages: list[Message], rewrite: dict[int, str] | None = None) -> Rendered:
         text, _ = self._checked_render(messages)
-        return place_replies(text, self.layout(shape(messages)), piece_texts(messages), self.inserted)
+        key = shape(messages)
+        cached = key in self._layouts
+        try:
+            return place_replies(text, self.layout(key), piece_texts(messages), self.inserted, rewrite)
+        except RowReject:
+            if not cached:
+                raise
+            # A layout cached earlier may be stale where the template renders the date
+            # (`strftime_now`): build it again once before rejecting the row.
+            del self._layouts[key]
+            return place_replies(text, self.layout(key), piece_texts(messages), self.inserted, rewrite)
 
     def samples(self, messages: list[Message], train_on: TrainOn) -> list[Rendered]:
         """What one conversation trains, as samples: itself, and under `reasoning: keep` one more
@@ -315,11 +328,8 @@ class JinjaTemplate:
 
     def _with_reasoning(self, messages: list[Message]) -> Rendered:
         """A conversation that trains its final reply alone, with its reasoning."""
-        text, _ = self._checked_render(messages)
-        layout = self.layout(shape(messages))
-        last = layout.replies[-1]
-        rewrite = {last.message: messages[-1]["content"]} if last.reasoning_dropped else {}
-        rendered = place_replies(text, layout, piece_texts(messages), self.inserted, rewrite)
+        last = self.layout(shape(messages)).replies[-1]
+        rendered = self._placed(messages, {last.message: messages[-1]["content"]} if last.reasoning_dropped else None)
         return Rendered(rendered.text, rendered.spans[-1:])
 
 

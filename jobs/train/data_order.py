@@ -8,7 +8,9 @@ each epoch), so weights below and above 1 keep their meaning and the count is ex
 dataset's rows are shuffled, then the datasets are interleaved evenly: the i-th of a dataset's m
 rows goes at position (i + jitter) / m of the epoch, so in any stretch of N rows each dataset
 holds its share of N, give or take two rows, from the first step to the last. Worker r of w reads
-positions r, r + w, r + 2w, ...: every optimizer step's global batch is a contiguous stretch.
+positions r, r + w, r + 2w, ...: every optimizer step's global batch is a contiguous stretch. An
+epoch whose rows do not fill its last step is completed with its own first rows (as PyTorch's
+DistributedSampler pads), so every row trains every epoch and every step is full.
 """
 
 from __future__ import annotations
@@ -47,7 +49,15 @@ def epoch_order(sizes: Sequence[int], weights: Sequence[float], seed: int, epoch
     return rows_all[np.argsort(keys_all, kind="stable")].astype(np.int64)
 
 
-def worker_rows(order: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """This worker's rows of an epoch: every `world`-th from `rank`, all workers the same count."""
-    per_worker = len(order) // world
-    return order[rank::world][:per_worker]
+def steps_per_epoch(rows: int, rows_per_step: int) -> int:
+    return -(-rows // rows_per_step)
+
+
+def worker_rows(order: np.ndarray, rank: int, world: int, rows_per_step: int) -> np.ndarray:
+    """This worker's rows of an epoch: every `world`-th from `rank`, after the order is completed
+    to whole steps of `rows_per_step` rows (all workers together) with its own first rows."""
+    if len(order) == 0:
+        return order
+    padded = steps_per_epoch(len(order), rows_per_step) * rows_per_step
+    order = np.resize(order, padded)  # repeats the order from its start
+    return order[rank::world]

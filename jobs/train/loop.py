@@ -171,13 +171,15 @@ def epoch_batches(config: dict[str, Any], shard, spec: TrainingSpec, epoch: int,
         yield from itertools.islice(batches, skip, None)
         return
     table = ray.get(held["table"])  # zero-copy from this node's object store
-    yield from held_batches(table, held["sizes"], held["weights"], spec.seed, epoch, skip, rank, world, micro)
+    yield from held_batches(table, held["sizes"], held["weights"], spec.seed, epoch, skip, rank, world, micro,
+                            spec.batch.grad_accum)
 
 
 def held_batches(table, sizes: list[int], weights: list[float], seed: int, epoch: int, skip: int, rank: int,
-                 world: int, micro: int) -> Iterator[dict[str, np.ndarray]]:
-    """Micro-batches of a worker's rows of an epoch from the table of every dataset's rows."""
-    rows = worker_rows(epoch_order(sizes, weights, seed, epoch), rank, world)
+                 world: int, micro: int, accum: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Micro-batches of a worker's rows of an epoch (whole steps of `accum` micro-batches) from the
+    table of every dataset's rows."""
+    rows = worker_rows(epoch_order(sizes, weights, seed, epoch), rank, world, world * micro * accum)
     for start in range(skip * micro, len(rows) - micro + 1, micro):
         batch = table.take(rows[start:start + micro])
         yield {column: batch.column(column).to_numpy(zero_copy_only=False) for column in table.column_names}

@@ -15,7 +15,7 @@ from typing import Any
 
 from jobs.common.contract import Manifest
 from jobs.common.spec import SpecError
-from jobs.train.data_order import epoch_rows
+from jobs.train.data_order import epoch_rows, steps_per_epoch
 from jobs.train.spec import DeepSpeedStrategy, DType, Method, TrainingSpec
 
 GIB = 1024**3
@@ -29,14 +29,13 @@ def planned_train_rows(spec: TrainingSpec, manifests: list[Manifest]) -> int:
 
 
 def total_steps(spec: TrainingSpec, train_rows: int) -> int:
-    """Optimizer steps: max_steps, or epochs over the rows every worker can fill whole micro-batches with."""
+    """Optimizer steps: max_steps, or epochs of whole steps over every row (the last step of an
+    epoch completed with its first rows, `data_order`)."""
     if spec.max_steps:
         return spec.max_steps
-    steps = spec.epochs * (train_rows // spec.rows_per_step)
-    if steps == 0:
-        raise SpecError([f"batch: {train_rows} training rows fill no optimizer step of {spec.rows_per_step} rows "
-                         "(micro_batch_size x grad_accum x num_workers): lower them or add data"])
-    return steps
+    if train_rows == 0:
+        raise SpecError(["datasets: no training rows: add data"])
+    return spec.epochs * steps_per_epoch(train_rows, spec.rows_per_step)
 
 
 @dataclass(frozen=True)

@@ -268,7 +268,7 @@ def load_training_spec(spec: str | Path | dict[str, Any]) -> TrainingSpec:
     return validate(TrainingSpec, read_document(spec))
 
 
-REFERENCE_MODELS = (TrainingSpec, ModelSpec, DatasetRef, LoraSpec, DeepSpeedStrategy, DdpStrategy, OptimSpec,
+REFERENCE_MODELS = (TrainingSpec, ModelSpec, DatasetRef, LoraSpec, QuantizationSpec, DeepSpeedStrategy, DdpStrategy, OptimSpec,
                     BatchSpec, ScalingSpec, CheckpointSpec, EvalSpec, ExportSpec, TrackingSpec)
 
 if __name__ == "__main__":

@@ -70,3 +70,20 @@ def test_qlora_trains_its_adapter_over_a_4bit_base(tiny_model):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_ddp_mixed_precision_computes_low_and_steps_fp32_weights_on_gpu(dtype):
+    from jobs.train.engines import MixedPrecision
+    from jobs.train.spec import DType
+
+    precision = MixedPrecision(DType(dtype), "cuda")
+    layer = torch.nn.Linear(64, 64).cuda()
+    before = layer.weight.detach().clone()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-4)
+    with precision.autocast():
+        out = layer(torch.randn(8, 64, device="cuda"))
+    assert out.dtype is {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    precision.backward(out.float().pow(2).mean())
+    precision.step(optimizer, layer.parameters(), max_norm=1.0)
+    assert layer.weight.dtype is torch.float32 and not torch.equal(layer.weight, before)

@@ -1,7 +1,8 @@
 """Exact resume. A 20-step LoRA run (ZeRO-2, 2 workers, dropout on, so the
-random streams matter) checkpointing every 5 steps is killed after step 12 and resubmitted, or
-loses a worker process mid-run; both end with the parameters of a run that never stopped. The
-same spec under a fresh name starts from zero."""
+random streams matter; two epochs of 11 steps, each in its own order) checkpointing every 5 steps
+is killed after step 12 or in its second epoch and resubmitted, or loses a worker process mid-run;
+each ends with the parameters of a run that never stopped. The same spec under a fresh name starts
+from zero."""
 
 from __future__ import annotations
 
@@ -92,12 +93,43 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
     assert [entry["failures"] for entry in history] == [0] * latest + [1] * (STEPS - latest)
 
 
+def test_a_job_killed_in_its_second_epoch_resumes_exactly(tiny_model, prepared, reference):
+    """An epoch here is 11 steps (84 rows in steps of 8): the step-15 checkpoint is mid-way through
+    the second epoch, whose order differs from the first's; the resumed run reads the rest of that
+    same order."""
+    storage = reference.storage
+    spec = resume_spec(tiny_model, prepared, storage, "killed-epoch-2")
+
+    def kill_once_step_15_is_registered(line, proc):
+        if '{"step": ' in line and latest_registered_step(storage / "killed-epoch-2") == 15:
+            kill_tree(proc)
+            return True
+        return False
+
+    killed = run_watching(spec, kill_once_step_15_is_registered)
+    assert killed.code != 0 and not (storage / "killed-epoch-2" / run_layout.checkpoint_dir_name(STEPS)).exists()
+    resumed = run_watching(spec)
+    assert resumed.code == 0, resumed.output[-5000:]
+    assert "resumed from step 15 (epoch 1, micro-batch 8) after 1 failure(s)" in resumed.output
+    assert max_difference(final_adapter(storage, "killed-epoch-2"), reference.adapter) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def streamed_reference(tiny_model, prepared, tmp_path_factory) -> Reference:
+    """The same run with its splits streamed from storage, never interrupted: a streamed split is
+    shuffled otherwise than a held one (blocks, then a buffer), so it has a reference of its own."""
+    storage = tmp_path_factory.mktemp("streamed-reference")
+    run("jobs.train", resume_spec(tiny_model, prepared, storage, "reference"), args=("--in-memory-max-bytes", "0"))
+    return Reference(storage, final_adapter(storage, "reference"))
+
+
 # Streamed from storage, the splits are read again by every epoch, evaluation and restarted worker
-# group: resuming is just as exact (against the reference, which held them in memory), but each
+# group: resuming is just as exact (against a reference that streamed them too), but each
 # evaluation starts read tasks again, which makes the run too slow for `make test`.
 @pytest.mark.parametrize("splits", ["held in memory", "streamed"])
-def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepared, tmp_path, reference,
+def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepared, tmp_path, request,
                                                               record_property, splits):
+    reference = request.getfixturevalue("streamed_reference" if splits == "streamed" else "reference")
     spec = resume_spec(tiny_model, prepared, tmp_path, "worker-killed", max_failures=1)
     args = ("--in-memory-max-bytes", "0") if splits == "streamed" else ()
     killed_at: list[int] = []

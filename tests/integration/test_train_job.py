@@ -148,6 +148,6 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tiny_model, prepared, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(proc.stdout)
     rows = json.loads((prepared / "manifest.json").read_text())["packing"]["rows"]["train"]
-    assert plan["steps"] == 2 * (rows // 8) and plan["rows_per_step"] == 8  # micro 2 x accum 2 x 2 workers
+    assert plan["steps"] == 2 * -(-rows // 8) and plan["rows_per_step"] == 8  # micro 2 x accum 2 x 2 workers
     assert plan["parameters"]["trainable"] == 27648 and plan["memory_gib_per_worker"]["device_total"] > 0
     assert not (tmp_path / "ckpt").exists()

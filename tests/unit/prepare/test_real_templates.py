@@ -213,3 +213,21 @@ def test_any_conversation_trains_exactly_each_reply_and_its_end(family, conversa
     # As the pipeline hands them over: contents stripped (formats.to_messages), roles checked.
     messages = validate_conversation(usable(fam, [{**m, "content": m["content"].strip()} for m in conversation]))
     assert runs(tokenizer, chat.render(messages)) == expected(fam, messages)
+
+
+def test_a_stale_cached_layout_is_built_again_before_a_row_is_rejected(tiny_model, tmp_path):
+    """Templates that render today's date (Llama 3.1/3.2, Granite, gpt-oss) change their markup at
+    midnight: a layout cached the day before must not reject the rows after it."""
+    from dataclasses import replace
+
+    from jobs.prepare.skeleton import shape
+
+    llama = next(f for f in FAMILIES if f.name == "llama3.2")
+    chat = build_template(TemplateName.TOKENIZER, real_tokenizer(llama, tiny_model, tmp_path))
+    messages = COLLIDING["every content the same"]
+    fresh = chat.layout(shape(messages))
+    stale = replace(fresh, segments=(fresh.segments[0].replace("Today Date: ", "Today Date: 0"), *fresh.segments[1:]))
+    assert stale != fresh
+    chat._layouts[shape(messages)] = stale
+    assert runs(chat.tokenizer, chat.render(messages)) == expected(llama, messages)
+    assert chat._layouts[shape(messages)] == fresh

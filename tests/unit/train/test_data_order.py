@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs.train.data_order import epoch_order, epoch_rows, worker_rows
+from jobs.train.data_order import epoch_order, epoch_rows, steps_per_epoch, worker_rows
 from jobs.train.loop import held_batches
 
 
@@ -50,11 +50,13 @@ def test_every_stretch_of_rows_holds_each_dataset_in_proportion(sizes, weights, 
         assert np.all(np.abs(counts - window * share) <= 2), (start, counts, window * share)
 
 
-def test_workers_read_disjoint_stretches_of_equal_length():
-    order = epoch_order([33, 20], [1, 1], seed=3, epoch=0)
-    parts = [worker_rows(order, rank, 3) for rank in range(3)]
-    assert {len(p) for p in parts} == {len(order) // 3}
-    assert np.array_equal(np.stack(parts, axis=1).ravel(), order[:3 * (len(order) // 3)])  # step by step, in order
+def test_workers_read_whole_steps_of_every_row_in_order():
+    order = epoch_order([33, 20], [1, 1], seed=3, epoch=0)  # 53 rows; steps of 3 workers x 2 rows
+    parts = [worker_rows(order, rank, 3, rows_per_step=6) for rank in range(3)]
+    assert {len(p) for p in parts} == {18}  # 9 steps: the last completed with the epoch's first row
+    interleaved = np.stack(parts, axis=1).ravel()  # step by step, in order
+    assert np.array_equal(interleaved, np.concatenate([order, order[:1]]))
+    assert set(interleaved) == set(range(53))  # every row trains every epoch
 
 
 def test_what_workers_consume_interleaves_two_datasets_from_the_first_step():
@@ -71,6 +73,14 @@ def test_what_workers_consume_interleaves_two_datasets_from_the_first_step():
         assert all(abs(int(step.sum()) - 4) <= 2 for step in steps)  # B's share of each step's 8 rows: 4 +- 2
         consumed = np.concatenate([b["row"] for batches in per_worker for b in batches])
         assert sorted(consumed) == list(range(440))
+
+
+def test_an_epoch_is_whole_steps_over_every_row():
+    assert [steps_per_epoch(rows, 8) for rows in (1, 8, 9, 84)] == [1, 1, 2, 11]
+    table = pa.table({"row": np.arange(84)})
+    batches = [list(held_batches(table, [84], [1.0], 0, 0, 0, rank, 2, micro=2, accum=2)) for rank in range(2)]
+    assert {len(b) for b in batches} == {22}  # 11 steps of 2 micro-batches on each worker
+    assert set(np.concatenate([b["row"] for worker in batches for b in worker])) == set(range(84))
 
 
 def test_resuming_mid_epoch_reads_exactly_the_rest():
