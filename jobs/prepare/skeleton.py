@@ -187,6 +187,8 @@ def locate(text: str, layout: Layout, texts: dict[int, str]) -> list[Span]:
     n = len(layout.pieces)
     spans: list[Span] = []
     choices = [0] * n  # the variant tried at each piece
+    # A piece's variants, worked out only when it is not rendered as given (rare).
+    options_of: list[list[str] | None] = [None] * n
     deepest, i, at = 0, 0, 0
     while True:
         segment = layout.segments[i]
@@ -197,9 +199,13 @@ def locate(text: str, layout: Layout, texts: dict[int, str]) -> list[Span]:
             ok = False
         if ok:
             start = at + len(segment)
-            options = variants(texts[layout.pieces[i]])
-            while choices[i] < len(options) and not text.startswith(options[choices[i]], start):
-                choices[i] += 1
+            piece = texts[layout.pieces[i]]
+            if choices[i] == 0 and text.startswith(piece, start):
+                options = [piece]  # as given, the first variant
+            else:
+                options = options_of[i] = options_of[i] or variants(piece)
+                while choices[i] < len(options) and not text.startswith(options[choices[i]], start):
+                    choices[i] += 1
             ok = choices[i] < len(options)
         if ok:
             spans.append((start, start + len(options[choices[i]])))

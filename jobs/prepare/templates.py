@@ -288,30 +288,32 @@ class JinjaTemplate:
         drops is not put back: see `samples`)."""
         if (doc := _render_text(messages, "", self.inserted)) is not None:
             return doc
-        return self._placed(messages)
+        return self._placed(messages)[0]
 
-    def _placed(self, messages: list[Message], rewrite: dict[int, str] | None = None) -> Rendered:
+    def _placed(self, messages: list[Message], rewrite: dict[int, str] | None = None) -> tuple[Rendered, Layout]:
         text, _ = self._checked_render(messages)
-        key = shape(messages)
+        key, texts = shape(messages), piece_texts(messages)
         cached = key in self._layouts
         try:
-            return place_replies(text, self.layout(key), piece_texts(messages), self.inserted, rewrite)
+            layout = self.layout(key)
+            return place_replies(text, layout, texts, self.inserted, rewrite), layout
         except RowReject:
             if not cached:
                 raise
             # A layout cached earlier may be stale where the template renders the date
             # (`strftime_now`): build it again once before rejecting the row.
             del self._layouts[key]
-            return place_replies(text, self.layout(key), piece_texts(messages), self.inserted, rewrite)
+            layout = self.layout(key)
+            return place_replies(text, layout, texts, self.inserted, rewrite), layout
 
     def samples(self, messages: list[Message], train_on: TrainOn) -> list[Rendered]:
         """What one conversation trains, as samples: itself, and under `reasoning: keep` one more
         per reply whose reasoning the template drops (its earlier turns as context, rendered by the
         template, and the reply with its reasoning put back where the template drops it)."""
-        rendered = self.render(messages)
-        if messages[0]["role"] == "text":
-            return [rendered]
-        replies = self.layout(shape(messages)).replies
+        if (doc := _render_text(messages, "", self.inserted)) is not None:
+            return [doc]
+        rendered, layout = self._placed(messages)
+        replies = layout.replies
         if train_on is TrainOn.LAST_ASSISTANT:
             replies, rendered = replies[-1:], Rendered(rendered.text, rendered.spans[-1:])
         elif train_on is TrainOn.ALL:
@@ -329,7 +331,7 @@ class JinjaTemplate:
     def _with_reasoning(self, messages: list[Message]) -> Rendered:
         """A conversation that trains its final reply alone, with its reasoning."""
         last = self.layout(shape(messages)).replies[-1]
-        rendered = self._placed(messages, {last.message: messages[-1]["content"]} if last.reasoning_dropped else None)
+        rendered, _ = self._placed(messages, {last.message: messages[-1]["content"]} if last.reasoning_dropped else None)
         return Rendered(rendered.text, rendered.spans[-1:])
 
 

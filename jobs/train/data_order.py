@@ -7,7 +7,8 @@ whole unit of weight, plus a seeded sample without replacement for the fraction 
 each epoch), so weights below and above 1 keep their meaning and the count is exact. Each
 dataset's rows are shuffled, then the datasets are interleaved evenly: the i-th of a dataset's m
 rows goes at position (i + jitter) / m of the epoch, so in any stretch of N rows each dataset
-holds its share of N, give or take two rows, from the first step to the last. Worker r of w reads
+holds its share of N, give or take 1 + k x its share rows for k datasets (two rows for two equal
+datasets), from the first step to the last. Worker r of w reads
 positions r, r + w, r + 2w, ...: every optimizer step's global batch is a contiguous stretch. An
 epoch whose rows do not fill its last step is completed with its own first rows (as PyTorch's
 DistributedSampler pads), so every row trains every epoch and every step is full.

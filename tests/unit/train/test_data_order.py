@@ -47,7 +47,8 @@ def test_every_stretch_of_rows_holds_each_dataset_in_proportion(sizes, weights, 
     share = np.array([int(n * w) for n, w in zip(sizes, weights, strict=True)]) / len(order)
     for start in range(0, len(order) - window + 1, max(1, window // 2)):
         counts = np.bincount(which[start:start + window], minlength=len(sizes))
-        assert np.all(np.abs(counts - window * share) <= 2), (start, counts, window * share)
+        # Each dataset's keys are evenly spaced: a stretch is off its share by at most 1 + k x share (k datasets).
+        assert np.all(np.abs(counts - window * share) <= 1 + len(sizes) * share + 1e-9), (start, counts, window * share)
 
 
 def test_workers_read_whole_steps_of_every_row_in_order():
