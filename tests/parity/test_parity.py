@@ -164,6 +164,7 @@ def train_trl(real_model: Path, data: Path, batch: int, seed: int, out: Path) ->
     return out / "adapter"
 
 
+@pytest.mark.timeout(2400)  # six fine-tunes of a 135M model on two cores: about 10 minutes
 def test_raysft_learns_a_two_dataset_mixture_as_well_as_trl(real_model, data, prepared, tmp_path, record_property):
     batch = conversations_per_step(prepared)
     results: dict[str, list[dict[str, float]]] = {"raysft": [], "trl": []}
