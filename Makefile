@@ -15,7 +15,7 @@ GEMMA3_GGUF := .cache/wheels/gemma3/gemma-3-270m-q4_k_m.gguf
 GEMMA3_SHA256 := a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 GEMMA3_MODEL := .cache/models/gemma-3-270m
 
-.PHONY: setup real-model gemma-model demo demo-jobs test test-slow test-unit soak test-ui test-real-model test-parity bench clean
+.PHONY: setup real-model gemma-model demo demo-jobs test test-slow test-unit soak test-ui test-real-model test-parity image test-cluster bench clean
 
 setup: $(STAMP)
 
@@ -94,10 +94,20 @@ test-real-model: $(STAMP) $(REAL_MODEL)/config.json $(GEMMA3_MODEL)/config.json
 	$(PY) -m pytest -q tests/real_model
 
 # Quality parity with a peer: the real SmolLM2 fine-tuned on a two-dataset mixture by raysft and by
-# TRL's SFTTrainer, three seeds each, held-out loss per dataset compared (about 10 minutes).
+# TRL's SFTTrainer, three seeds each, held-out loss per dataset compared (about 15 minutes).
 test-parity: $(STAMP) $(REAL_MODEL)/config.json
 	rm -f .cache/parity.json
 	$(PY) -m pytest -q tests/parity; status=$$?; cat .cache/parity.json 2>/dev/null; exit $$status
+
+# The image (Dockerfile) built with podman, on a Debian base bootstrapped here or on BASE=<Ray's image>
+# where a registry is reachable (scripts/image.sh; about 8 minutes the first time, FRESH=1 rebuilds all).
+image: $(STAMP)
+	FRESH=$(FRESH) scripts/image.sh
+
+# Containers of the image as a Ray cluster (a head, two workers, the control plane; no shared volume,
+# S3 as the only storage), driven through REST and `ray job submit` (about N minutes).
+test-cluster: image
+	$(PY) -m pytest -q tests/cluster
 
 bench: $(STAMP)
 	$(PY) benchmarks/prepare.py

@@ -29,7 +29,7 @@ STYLES = {  # two reply styles a model can only learn from its own dataset
     "pirate": ("Tell me about this: {q}", "Arr, matey! {a} Yo ho ho!"),
     "formal": ("Please summarise: {q}", "Dear reader, {a} Kind regards, the assistant."),
 }
-TRAIN, HELD_OUT = 48, 16
+TRAIN, HELD_OUT = 96, 16
 MAX_LEN = 256
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 LR = 2e-3  # cosine from the first step: no warm-up, where raysft's and transformers' ramps differ
@@ -164,7 +164,7 @@ def train_trl(real_model: Path, data: Path, batch: int, seed: int, out: Path) ->
     return out / "adapter"
 
 
-@pytest.mark.timeout(2400)  # six fine-tunes of a 135M model on two cores: about 10 minutes
+@pytest.mark.timeout(3000)  # six fine-tunes of a 135M model on two cores: about 15 minutes
 def test_raysft_learns_a_two_dataset_mixture_as_well_as_trl(real_model, data, prepared, tmp_path, record_property):
     batch = conversations_per_step(prepared)
     results: dict[str, list[dict[str, float]]] = {"raysft": [], "trl": []}
