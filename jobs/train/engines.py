@@ -9,6 +9,7 @@ step's trainable tokens, so neither engine rescales them.
 from __future__ import annotations
 
 import math
+import pickle
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -52,13 +53,24 @@ def _optimizer(spec: TrainingSpec, model: torch.nn.Module, total_steps: int):
     return optimizer, _scheduler(spec, total_steps)(optimizer)
 
 
-def deepspeed_checkpoint_types() -> list[type]:
-    """DeepSpeed's own classes inside its checkpoints; the rest is tensors and plain containers."""
+def deepspeed_checkpoint_types() -> list:
+    """DeepSpeed's own classes inside its checkpoints; the rest is tensors and plain containers.
+    Plus `getattr` as some Python releases (Debian 12's 3.11.2 among them) pickle enum members,
+    `getattr(ZeroStageEnum, "gradients")`: a checkpoint written on such a node must load on any
+    other. It stands in for the builtin and looks up members of the allowed enums only."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, (_enum_member, "builtins.getattr")]
+
+
+def _enum_member(cls, name: str):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    if cls is not ZeroStageEnum or name not in ZeroStageEnum.__members__:
+        raise pickle.UnpicklingError(f"refused getattr({cls!r}, {name!r}) in a checkpoint: only enum members load")
+    return ZeroStageEnum[name]
 
 
 def load_without_code(path: str, map_location=None):

@@ -26,6 +26,7 @@ from service.local_ray import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(1200)]
 BUCKET = "raysft"
 MODEL = f"s3://{BUCKET}/models/tiny"
+ADMIN_PREFIX = f"s3://{BUCKET}/artifacts/tenants/admin"
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "LOST"}
 
 
@@ -144,33 +145,145 @@ def test_no_node_sees_another_nodes_filesystem(cluster):
     assert all(not c["Mounts"] for c in mounts), [c["Mounts"] for c in mounts]
 
 
-def ray_submit(cluster: Cluster, module: str, spec: dict, token: str | None) -> subprocess.CompletedProcess:
+def ray_submit(cluster: Cluster, module: str, spec: dict, token: str | None, wait: bool = True):
+    """`ray job submit` from the host, as a user outside the cluster runs it: the finished process,
+    or (wait=False) the submission id."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_AUTH_MODE": "token"}
     if token is not None:
         env["RAY_AUTH_TOKEN"] = token
+    submission_id = f"raysft-test-{secrets.token_hex(4)}"
     ray = str(Path(sys.executable).with_name("ray"))
-    return subprocess.run([ray, "job", "submit", "--address", cluster.dashboard, "--",
-                           "python", "-m", module, "--spec", json.dumps(spec)],
+    done = subprocess.run([ray, "job", "submit", "--address", cluster.dashboard, "--submission-id", submission_id,
+                           *([] if wait else ["--no-wait"]), "--", "python", "-m", module, "--spec", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=900)
+    if wait:
+        return done
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return submission_id
 
 
-def test_ray_job_submit_from_outside_runs_both_jobs_and_needs_the_token(cluster):
-    data = f"s3://{BUCKET}/submitted/messages.jsonl"
+@pytest.fixture(scope="module")
+def submitted(cluster) -> dict:
+    """A dataset prepared by `ray job submit` from outside the cluster, with the token; and what
+    the same submission gets without it."""
+    # Under the admin tenant's prefix, so the service's jobs may read what `ray job submit` made.
+    data = f"{ADMIN_PREFIX}/submitted/messages.jsonl"
     boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).upload_file(
         str(REPO / "configs/data/messages.jsonl"), BUCKET, data.removeprefix(f"s3://{BUCKET}/"))
-    prepared = f"s3://{BUCKET}/submitted/prepared"
+    prepared = f"{ADMIN_PREFIX}/submitted/prepared"
     dataset = {"name": "submitted", "sources": [{"uri": data, "format": "messages"}], "tokenizer": MODEL,
                "template": "chatml", "max_seq_length": 512, "output": prepared}
-
     refused = ray_submit(cluster, "jobs.prepare", dataset, token=None)
+    done = ray_submit(cluster, "jobs.prepare", dataset, token=cluster.token)
+    return {"uri": prepared, "refused": refused, "done": done}
+
+
+def lora_run(name: str, prepared: str, steps: int, **overrides) -> dict:
+    """Two workers, ZeRO-2 LoRA with dropout on (so the random streams matter), checkpoints in S3."""
+    return {"name": name, "model": {"uri": MODEL, "dtype": "fp32"}, "datasets": [{"uri": prepared}],
+            "method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+            "strategy": {"kind": "deepspeed", "zero_stage": 2}, "optim": {"lr": 0.01, "warmup_ratio": 0.0},
+            "batch": {"micro_batch_size": 2, "grad_accum": 1}, "max_steps": steps, "log_every_steps": 1,
+            "scaling": {"num_workers": 2, "cpus_per_worker": 2}, "eval": {"every_steps": steps},
+            "checkpoint": {"storage": f"s3://{BUCKET}/runs", "every_steps": 4, "keep": 2}} | overrides
+
+
+def test_ray_job_submit_from_outside_runs_both_jobs_and_needs_the_token(cluster, submitted):
+    refused, done = submitted["refused"], submitted["done"]
     assert refused.returncode != 0
     assert "token" in (refused.stdout + refused.stderr).lower(), refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert done.returncode == 0 and "succeeded" in done.stdout.lower(), done.stdout[-3000:] + done.stderr[-3000:]
+    done = ray_submit(cluster, "jobs.train", lora_run("submitted-lora", submitted["uri"], 4), token=cluster.token)
+    assert done.returncode == 0 and "succeeded" in done.stdout.lower(), done.stdout[-3000:] + done.stderr[-3000:]
 
-    done = ray_submit(cluster, "jobs.prepare", dataset, token=cluster.token)
-    assert done.returncode == 0 and "succeeded" in done.stdout.lower(), done.stdout[-3000:] + done.stderr[-3000:]
-    training = {"name": "submitted-lora", "model": {"uri": MODEL, "dtype": "fp32"}, "datasets": [{"uri": prepared}],
-                "method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "max_steps": 4,
-                "scaling": {"num_workers": 2, "cpus_per_worker": 2}, "eval": {"every_steps": 4},
-                "checkpoint": {"storage": f"s3://{BUCKET}/submitted/runs", "every_steps": 4}}
-    done = ray_submit(cluster, "jobs.train", training, token=cluster.token)
-    assert done.returncode == 0 and "succeeded" in done.stdout.lower(), done.stdout[-3000:] + done.stderr[-3000:]
+
+def adapter(run: str, step: int) -> dict:
+    from safetensors.torch import load
+
+    from jobs.common import run_layout, storage
+
+    fs, path = storage.filesystem(f"s3://{BUCKET}/runs/{run}/{run_layout.checkpoint_dir_name(step)}")
+    with fs.open_input_stream(f"{path}/adapter_model.safetensors") as f:
+        return load(f.read())
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def job_status(cluster: Cluster, submission_id: str) -> str:
+    return cluster.ray_get(f"/api/jobs/{submission_id}")["status"]
+
+
+def job_logs(cluster: Cluster, submission_id: str) -> str:
+    return cluster.ray_get(f"/api/jobs/{submission_id}/logs")["logs"]
+
+
+def wait_for_ray_job(cluster: Cluster, submission_id: str, until, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if until():
+            return
+        if job_status(cluster, submission_id) in {"FAILED", "STOPPED"}:
+            raise AssertionError(job_logs(cluster, submission_id)[-4000:])
+        time.sleep(1)
+    raise TimeoutError(job_logs(cluster, submission_id)[-4000:])
+
+
+FAULT_STEPS = 12
+
+
+def test_a_worker_node_killed_mid_training_is_survived_with_the_parameters_of_an_uninterrupted_run(
+        cluster, submitted, record_property):
+    reference = ray_submit(cluster, "jobs.train", lora_run("uninterrupted", submitted["uri"], FAULT_STEPS),
+                           token=cluster.token)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+
+    spec = lora_run("node-lost", submitted["uri"], FAULT_STEPS)
+    submission = ray_submit(cluster, "jobs.train", spec, token=cluster.token, wait=False)
+    wait_for_ray_job(cluster, submission, lambda: '{"step": 6' in job_logs(cluster, submission))
+    killed = time.perf_counter()
+    podman("kill", cluster.name("worker-1"))  # the node, not a process: its raylet and worker die with it
+    wait_for_ray_job(cluster, submission, lambda: len(cluster.alive_nodes()) == 2)
+    detected = time.perf_counter() - killed
+    podman("start", cluster.name("worker-1"))  # a replacement node (KubeRay would start a new pod)
+    wait_for_ray_job(cluster, submission, lambda: job_status(cluster, submission) == "SUCCEEDED")
+    recovered = time.perf_counter() - killed
+    logs = job_logs(cluster, submission)
+    assert "resumed from step 4" in logs, logs[-4000:]
+    assert max_difference(adapter("node-lost", FAULT_STEPS), adapter("uninterrupted", FAULT_STEPS)) < 1e-5
+    record_property("worker_node_lost", {"detected_s": round(detected, 1), "finished_after_s": round(recovered, 1)})
+    print(f"worker node killed: Ray saw it gone in {detected:.1f} s; the run resumed and finished "
+          f"{recovered:.1f} s after the kill", flush=True)
+
+
+def test_a_restarted_head_loses_the_job_and_a_resubmit_resumes_from_s3(cluster, submitted):
+    http = cluster.http()
+    body = lora_run("head-restart", submitted["uri"], FAULT_STEPS)
+    del body["checkpoint"]["storage"]  # the job's own directory in the artifact store, as users leave it
+    created = http.post("/v1/trainings", json=body)
+    assert created.status_code == 202, created.text
+    job = created.json()
+    wait(http, job["id"], until=lambda j: (j["progress"].get("step") or 0) >= 6)
+    restarted = time.perf_counter()
+    # The head's container restarts (a new GCS: no job history); its workers' raylets lose their
+    # cluster with it and come back as new nodes, as KubeRay restarts worker pods.
+    podman("restart", "-t", "0", cluster.name("head"))
+    podman("restart", "-t", "0", cluster.name("worker-0"), cluster.name("worker-1"))
+    lost = wait(http, job["id"], timeout=300)
+    detected = time.perf_counter() - restarted
+    assert lost["status"] == "LOST" and "resubmit" in lost["error"], json.dumps(lost, indent=2)
+    cluster.wait_for_dashboard()
+    cluster.wait_for_nodes(3)
+
+    storage = http.get(f"/v1/jobs/{job['id']}").json()["spec"]["checkpoint"]["storage"]
+    again = http.post("/v1/trainings", json=body | {"checkpoint": body["checkpoint"] | {"storage": storage}})
+    assert again.status_code == 202, again.text
+    final = wait(http, again.json()["id"])
+    assert final["status"] == "SUCCEEDED", json.dumps(final, indent=2)
+    recovered = time.perf_counter() - restarted
+    logs = http.get(f"/v1/jobs/{final['id']}/logs").text
+    assert "resumed from step" in logs and "resumed from step 0" not in logs, logs[-3000:]
+    print(f"head restarted: the job was reported LOST {detected:.1f} s later; the resubmitted run finished "
+          f"{recovered:.1f} s after the restart", flush=True)

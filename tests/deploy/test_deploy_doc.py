@@ -16,7 +16,8 @@ from support.deploy import CHART, REPO, helm, render
 from service.cli import app
 
 DOC = REPO / "docs" / "deploy.md"
-TOOLS = {"docker", "helm", "kubectl", "aws", "export", "cat", "base64", ".venv/bin/raysft", ".venv/bin/python", ".venv/bin/ray"}
+TOOLS = {"docker", "helm", "kubectl", "aws", "export", "cat", "base64", ".venv/bin/raysft", ".venv/bin/python", ".venv/bin/ray",
+         "make", "podman", "sudo"}
 IMAGE_ROOT = "/opt/raysft/"  # where the Dockerfile puts configs/
 
 

@@ -61,6 +61,28 @@ def test_crafted_deepspeed_checkpoint_file_fails_without_running(tmp_path):
     assert not sentinel.exists()
 
 
+class ByGetattr:
+    """Pickles as `getattr(owner, name)`: how Python 3.11.2 (Debian 12) pickles an enum member."""
+
+    def __init__(self, owner, name: str):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_enum_members_pickled_by_getattr_load_and_nothing_else_does(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    torch.save({"zero_stage": ByGetattr(ZeroStageEnum, "gradients")}, tmp_path / "enum.pt")
+    assert load_without_code(str(tmp_path / "enum.pt"))["zero_stage"] is ZeroStageEnum.gradients
+    for owner, name in [(LossScaler, "update_scale"), (ZeroStageEnum, "__class__"), (ZeroStageEnum, "missing")]:
+        torch.save({"x": ByGetattr(owner, name)}, tmp_path / "other.pt")
+        with pytest.raises(pickle.UnpicklingError, match="refused getattr"):
+            load_without_code(str(tmp_path / "other.pt"))
+
+
 DEEPSPEED_CHECKPOINTS = """
 import os, sys, torch
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
