@@ -107,7 +107,10 @@ def test_a_job_killed_in_its_second_epoch_resumes_exactly(tiny_model, prepared, 
         return False
 
     killed = run_watching(spec, kill_once_step_15_is_registered)
-    assert killed.code != 0 and not (storage / "killed-epoch-2" / run_layout.checkpoint_dir_name(STEPS)).exists()
+    # Killed before step 20 was registered. Under load Ray Train may register step 15 only after
+    # step 20's files are written: an unregistered checkpoint is ignored on resume (as in the
+    # test above), so the run still resumes from 15.
+    assert killed.code != 0 and latest_registered_step(storage / "killed-epoch-2") == 15, killed.output[-3000:]
     resumed = run_watching(spec)
     assert resumed.code == 0, resumed.output[-5000:]
     assert "resumed from step 15 (epoch 1, micro-batch 8) after 1 failure(s)" in resumed.output
