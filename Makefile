@@ -100,12 +100,12 @@ test-parity: $(STAMP) $(REAL_MODEL)/config.json
 	$(PY) -m pytest -q tests/parity; status=$$?; cat .cache/parity.json 2>/dev/null; exit $$status
 
 # The image (Dockerfile) built with podman, on a Debian base bootstrapped here or on BASE=<Ray's image>
-# where a registry is reachable (scripts/image.sh; about 8 minutes the first time, FRESH=1 rebuilds all).
+# where a registry is reachable (scripts/image.sh; about 5.5 minutes from nothing, FRESH=1 rebuilds all).
 image: $(STAMP)
 	FRESH=$(FRESH) scripts/image.sh
 
 # Containers of the image as a Ray cluster (a head, two workers, the control plane; no shared volume,
-# S3 as the only storage), driven through REST and `ray job submit` (about N minutes).
+# S3 as the only storage), driven through REST and `ray job submit` (about 11 minutes).
 test-cluster: image
 	$(PY) -m pytest -q tests/cluster
 
