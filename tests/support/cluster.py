@@ -139,8 +139,11 @@ class Cluster:
         return podman("exec", self.name(role), *command, check=check)
 
     def logs(self, tail: int = 40) -> str:
-        return "\n".join(f"--- {name}\n{podman('logs', '--tail', str(tail), name, check=False).stderr[-3000:]}"
-                         for name in self.started)
+        def tail_of(name: str) -> str:
+            result = podman("logs", "--tail", str(tail), name, check=False)
+            return (result.stdout + result.stderr)[-3000:]
+
+        return "\n".join(f"--- {name}\n{tail_of(name)}" for name in self.started)
 
     def down(self) -> None:
         for name in self.started:
