@@ -20,6 +20,7 @@ import boto3
 import pytest
 from support import REPO
 from support.cluster import Cluster, actors, image_exists, podman
+from support.jobs import max_difference
 
 from service.local_ray import free_port
 
@@ -213,11 +214,6 @@ def adapter(run: str, step: int) -> dict:
     fs, path = storage.filesystem(f"s3://{BUCKET}/runs/{run}/{run_layout.checkpoint_dir_name(step)}")
     with fs.open_input_stream(f"{path}/adapter_model.safetensors") as f:
         return load(f.read())
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def job_status(cluster: Cluster, submission_id: str) -> str:

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from support.jobs import kill_tree, latest_registered_step, run, run_watching, step_metrics, train_workers, training_spec
+from support.jobs import (
+    kill_tree,
+    latest_registered_step,
+    max_difference,
+    run,
+    run_watching,
+    step_metrics,
+    train_workers,
+    training_spec,
+)
 
 from jobs.common import run_layout
 
@@ -30,11 +39,6 @@ def resume_spec(tiny_model, prepared, storage, name: str, **overrides) -> dict:
 
 def final_adapter(storage, name: str) -> dict:
     return load_file(storage / name / run_layout.checkpoint_dir_name(STEPS) / "adapter_model.safetensors")
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,12 @@ def train_workers(proc: subprocess.Popen) -> list:
     return workers
 
 
+def max_difference(a: dict, b: dict) -> float:
+    """The largest element-wise difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
 def latest_registered_step(run_dir: Path) -> int | None:
     """The step of the latest checkpoint Ray Train has registered for a run, if any."""
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
