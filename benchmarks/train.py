@@ -1,10 +1,10 @@
 """Benchmark of the training stage: `jobs.train` against a bare PyTorch loop, packed against padded.
 
-    python benchmarks/train.py [--steps 100] [--gpu-steps 30] [--checkpoints 4] [--checkpoint-only]
+    python benchmarks/train.py [--steps 100] [--gpu-steps 30] [--checkpoints 4] [--checkpoint-only | --cpu-only]
 
 One run, one machine, the scaffold model and the demo data (each row repeated so no epoch ends
 inside the measurement), LoRA r=8, micro-batch 2 x accumulation 2, one thread per process:
-  1. trainable tokens/s of `jobs.train` with 1 Ray Train worker (DDP and DeepSpeed ZeRO-2),
+  1. trainable tokens/s of `jobs.train` with 1 Ray Train worker (DDP, DeepSpeed ZeRO-2, FSDP2),
      read from the run's metrics.jsonl after the first logging window (warm-up);
   2. the same model, data, batches and loss in a bare single-process PyTorch loop (no Ray, no
      data pipeline, rows already in memory), after the same warm-up;
@@ -43,11 +43,13 @@ sys.path.insert(0, str(REPO))
 
 from jobs import scaffold_model  # noqa: E402
 from jobs.common import run_layout, tokenizer_files  # noqa: E402
-from jobs.train.engines import lr_lambda  # noqa: E402
+from jobs.train.engines.base import lr_lambda  # noqa: E402
 from jobs.train.packed_batch import collate, micro_batch_loss, trained_tokens  # noqa: E402
 from jobs.train.spec import load_training_spec  # noqa: E402
 
 MICRO, ACCUM, REPEAT, LOG_EVERY = 2, 2, 8, 10
+ENGINES = (("ddp", {"kind": "ddp"}), ("deepspeed_zero2", {"kind": "deepspeed", "zero_stage": 2}),
+           ("fsdp", {"kind": "fsdp"}))
 CHECKPOINT_EVERY = 5
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
@@ -149,7 +151,7 @@ def cpu_benchmark(steps: int) -> dict:
         padded = prepare(root / "model", root / "padded", "none")
         pad_id = tokenizer_files.load(tokenizer_files.fetch(str(root / "model"))).pad_token_id
         results: dict = {"steps": steps, "micro_batch_size": MICRO, "grad_accum": ACCUM, "threads": 1}
-        for name, strategy in (("ddp", {"kind": "ddp"}), ("deepspeed_zero2", {"kind": "deepspeed", "zero_stage": 2})):
+        for name, strategy in ENGINES:
             spec = training_spec(root / "model", packed, root / "ckpt", f"bench-{name}", strategy, steps)
             results[f"jobs_train_{name}"] = jobs_train(spec, root / "ckpt")
         packed_rows, padded_rows = train_rows(packed), train_rows(padded)
@@ -157,8 +159,8 @@ def cpu_benchmark(steps: int) -> dict:
         # Padded rows hold one sample each, so a step holds fewer samples: count real tokens per second.
         results["bare_loop_padded"] = bare_loop(lora_model(root / "model"), padded_rows, steps, LOG_EVERY, pad_id, "cpu")
     bare = results["bare_loop_packed"]["trainable_tokens_per_s"]
-    results["ratio_jobs_train_ddp_vs_bare"] = round(results["jobs_train_ddp"]["trainable_tokens_per_s"] / bare, 3)
-    results["ratio_jobs_train_zero2_vs_bare"] = round(results["jobs_train_deepspeed_zero2"]["trainable_tokens_per_s"] / bare, 3)
+    for name, _ in ENGINES:
+        results[f"ratio_jobs_train_{name}_vs_bare"] = round(results[f"jobs_train_{name}"]["trainable_tokens_per_s"] / bare, 3)
     results["ratio_packed_vs_padded_real_tokens"] = round(
         results["bare_loop_packed"]["real_tokens_per_s"] / results["bare_loop_padded"]["real_tokens_per_s"], 3)
     return results
@@ -269,7 +271,11 @@ def main() -> int:
     parser.add_argument("--gpu-steps", type=int, default=30)
     parser.add_argument("--checkpoints", type=int, default=4, help="checkpoints measured per upload mode")
     parser.add_argument("--checkpoint-only", action="store_true", help="measure only checkpoint blocking (~2 min)")
+    parser.add_argument("--cpu-only", action="store_true", help="measure only the engines and the bare loop on CPU")
     args = parser.parse_args()
+    if args.cpu_only:
+        print(json.dumps({"cpu": cpu_benchmark(args.steps)}, indent=2))
+        return 0
     if args.checkpoint_only:
         print(json.dumps({"checkpoint": checkpoint_benchmark(args.checkpoints)}, indent=2))
         return 0

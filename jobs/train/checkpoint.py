@@ -1,7 +1,8 @@
 """What a training checkpoint holds, and how a worker writes and restores one.
 
     {run}/<checkpoint directory>/   (named by jobs.common.run_layout)
-      state/ or ddp_state.pt   engine state: weights, optimizer, scheduler (every rank's shards)
+      state/, ddp_state.pt or fsdp_state/ + fsdp_groups.pt
+                               engine state: weights, optimizer, scheduler (every rank's shards)
       adapter_model.safetensors, adapter_config.json   LoRA, in PEFT format
       model.safetensors, config.json                   or the full weights (method: full)
       tokenizer files          with the chat template the data was rendered with
@@ -85,8 +86,8 @@ def all_rng_states() -> list[dict[str, Any]]:
 
 def save_weights(engine, directory: Path, rank: int) -> None:
     """Rank 0 writes the weights in their serving format: the LoRA adapter (PEFT) or the full model
-    (safetensors). Under ZeRO-3 all ranks gather one parameter at a time, so no rank ever holds
-    more than one full tensor beyond its shard."""
+    (safetensors). Where parameters are sharded (ZeRO-3, FSDP) all ranks gather them one at a
+    time, so no other rank ever holds more than one full tensor beyond its shard."""
     from peft import PeftModel
 
     module = engine.module
@@ -95,9 +96,9 @@ def save_weights(engine, directory: Path, rank: int) -> None:
     for name, param in module.named_parameters():
         if lora and not param.requires_grad:
             continue
-        with engine.gathered(param):
+        with engine.gathered(param) as whole:
             if rank == 0:
-                state[name] = param.detach().to("cpu", copy=True)
+                state[name] = whole.detach().to("cpu", copy=True)
     if rank == 0:
         module.save_pretrained(directory, state_dict=state, safe_serialization=True)
 

@@ -21,7 +21,7 @@ import ray
 
 from jobs.common import model_source, ray_runtime, storage, tokenizer_files
 from jobs.common.contract import SPLITS, Manifest
-from jobs.train.loop import train_loop
+from jobs.train.loop import HeldSplit, LoopConfig, RunInputs, train_loop
 from jobs.train.plan import plan, planned_train_rows, total_steps
 from jobs.train.preflight import preflight
 from jobs.train.spec import TrainingSpec
@@ -47,6 +47,7 @@ class Splits:
     train_sizes: list[int] = field(default_factory=list)  # rows of each dataset in train_table
     train: Any = None  # a Ray Dataset, when streamed
     val: Any = None  # a Ray Dataset of every dataset's validation rows, or None
+    val_streamed: bool = False  # too large to hold: Ray Train splits it among the workers
 
 
 def datasets(spec: TrainingSpec, manifests: list[Manifest],
@@ -76,18 +77,10 @@ def datasets(spec: TrainingSpec, manifests: list[Manifest],
     if val:
         out.val = val[0].union(*val[1:]) if len(val) > 1 else val[0]
         out.val = out.val.materialize() if in_memory["val"] else out.val
+        out.val_streamed = not in_memory["val"]
     log.info("train: train split %s, val split %s", "held in memory" if in_memory["train"] else "streamed from storage",
              "held in memory" if in_memory["val"] else "streamed from storage")
     return out
-
-
-@dataclass(frozen=True)
-class RunInputs:
-    """What the driver works out once and hands to every worker."""
-
-    chat_template: str | None  # None: the tokenizer's own
-    stop_ids: list[int]  # end of turn, then eos
-    pad_id: int
 
 
 def run_inputs(spec: TrainingSpec, manifests: list[Manifest]) -> RunInputs:
@@ -96,8 +89,8 @@ def run_inputs(spec: TrainingSpec, manifests: list[Manifest]) -> RunInputs:
     # if they were prepared with other templates, which the note in docs/training-spec.md covers).
     first = manifests[0]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return RunInputs(first.template.chat_template, stop_ids(tokenizer, first.template.stop_tokens or [first.template.eot]),
-                     pad)
+    return RunInputs(first.template.chat_template,
+                     tuple(stop_ids(tokenizer, first.template.stop_tokens or [first.template.eot])), pad)
 
 
 def stop_ids(tokenizer: Any, stop_tokens: list[str]) -> list[int]:
@@ -123,17 +116,19 @@ def build_trainer(spec: TrainingSpec, manifests: list[Manifest], inputs: RunInpu
     log.info("train: %d steps, %d workers, run %s", steps, spec.scaling.num_workers, spec.run_uri)
     # A training split held in memory goes to every worker once, through the object store (a
     # node's workers share one copy); each reads its rows of each epoch's order from it.
-    held = None if data.train_table is None else {"table": ray.put(data.train_table), "sizes": data.train_sizes,
-                                                  "weights": [ref.weight for ref in spec.datasets]}
+    held = None if data.train_table is None else HeldSplit(ray.put(data.train_table), tuple(data.train_sizes),
+                                                           tuple(ref.weight for ref in spec.datasets))
     return TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.model_dump_json(), "total_steps": steps, "pad_id": inputs.pad_id,
-                           "chat_template": inputs.chat_template, "stop_ids": inputs.stop_ids,
-                           "run_uri": spec.run_uri, "has_val": has_val, "train_held": held},
+        train_loop_config={"loop": LoopConfig(spec, steps, inputs, has_val, data.val_streamed, held)},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=resources),
         datasets={name: ds for name, ds in (("train", data.train), ("val", data.val)) if ds is not None},
-        dataset_config=DataConfig(execution_options=ingest),
+        # Ray Train's split is equal-sized: it drops the rows that do not divide among the workers
+        # (a third of a 3-row validation split on 2 workers). A streamed split's few rows are
+        # negligible; a held one goes whole to every worker, which evaluates its share of it.
+        dataset_config=DataConfig(datasets_to_split=["train", "val"] if data.val_streamed else ["train"],
+                                  execution_options=ingest),
         run_config=RunConfig(
             name=spec.name, storage_path=path, storage_filesystem=fs,
             # Keep the best by eval loss; Ray Train always keeps the latest as well.

@@ -34,10 +34,11 @@ import torch
 import torch.distributed as dist
 
 from jobs.common import model_source, run_layout, storage, tokenizer_files
-from jobs.common.contract import TOKEN_COLUMNS
+from jobs.common.contract import IGNORE_INDEX, TOKEN_COLUMNS
 from jobs.train.checkpoint import Position, restore, write_checkpoint
 from jobs.train.data_order import SHUFFLE_BUFFER_ROWS, epoch_order, worker_rows
-from jobs.train.engines import make_engine, weights_dtype
+from jobs.train.engines.base import Engine
+from jobs.train.engines.registry import make_engine, weights_dtype
 from jobs.train.evaluate import evaluate, generate_answers
 from jobs.train.export import export
 from jobs.train.metrics_log import MetricsLog
@@ -46,6 +47,38 @@ from jobs.train.spec import Attention, CheckpointUpload, ExportCheckpoint, Metho
 from jobs.train.tracking import Trackers
 
 # ---------------------------------------------------------------- setup
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What the driver reads from the model's tokenizer and the datasets' manifests."""
+
+    chat_template: str | None  # None: the tokenizer's own
+    stop_ids: tuple[int, ...]  # end of turn, then eos
+    pad_id: int
+
+
+@dataclass(frozen=True)
+class HeldSplit:
+    """A training split held in the object store (a node's workers share one copy): every
+    dataset's rows one after the other, read in `data_order`'s order for each epoch."""
+
+    table: Any  # a Ray ObjectRef of the pyarrow Table
+    sizes: tuple[int, ...]  # rows of each dataset in the table
+    weights: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a worker is handed (as Ray Train's `train_loop_config["loop"]`), worked out once
+    by the driver: the validated spec travels as it is."""
+
+    spec: TrainingSpec
+    total_steps: int
+    inputs: RunInputs
+    has_val: bool
+    val_streamed: bool  # each worker gets a Ray Train split of it; else the whole, to take its share
+    train_held: HeldSplit | None  # None: the training split streams from storage
 
 
 def load_model(spec: TrainingSpec, model_dir: str) -> torch.nn.Module:
@@ -156,7 +189,7 @@ class StepBatches:
     trainable: int = 0  # tokens carrying loss: the step's normaliser (summed over workers)
 
 
-def epoch_batches(config: dict[str, Any], shard, spec: TrainingSpec, epoch: int, skip: int, rank: int,
+def epoch_batches(held: HeldSplit | None, shard, spec: TrainingSpec, epoch: int, skip: int, rank: int,
                   world: int) -> Iterator[dict[str, np.ndarray]]:
     """This worker's micro-batches of one epoch, after the first `skip`: from the split held in
     memory in this epoch's order (`data_order`), or streamed from this worker's shard, shuffled
@@ -164,14 +197,14 @@ def epoch_batches(config: dict[str, Any], shard, spec: TrainingSpec, epoch: int,
     import ray
 
     micro = spec.batch.micro_batch_size
-    if (held := config["train_held"]) is None:
+    if held is None:
         batches = shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
                                      local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
                                      local_shuffle_seed=spec.seed + epoch)
         yield from itertools.islice(batches, skip, None)
         return
-    table = ray.get(held["table"])  # zero-copy from this node's object store
-    yield from held_batches(table, held["sizes"], held["weights"], spec.seed, epoch, skip, rank, world, micro,
+    table = ray.get(held.table)  # zero-copy from this node's object store
+    yield from held_batches(table, list(held.sizes), list(held.weights), spec.seed, epoch, skip, rank, world, micro,
                             spec.batch.grad_accum)
 
 
@@ -202,15 +235,33 @@ def step_batches(batches: Iterator[dict[str, np.ndarray]], spec: TrainingSpec, p
             pending = StepBatches([])
 
 
-def validation_batches(shard, spec: TrainingSpec, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+def validation_batches(shard, loop: LoopConfig, pad_id: int, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's share of the validation split, streamed afresh at each evaluation, so a worker
-    never holds more of it than the batches in flight, however large the split. Each pass starts a
-    streaming execution: for a split held in the object store, about 0.14 s more per evaluation
-    on the CPU smoke run; one streamed from storage starts its read tasks again (docs/benchmarks.md)."""
+    never holds more of it than the batches in flight, however large the split: its Ray Train
+    split when streamed from storage (equal-sized), else one micro-batch of every `world` of the
+    whole, so every row is evaluated once. Every worker gets as many batches as the others: with
+    sharded parameters (ZeRO-3, FSDP) each forward pass needs every rank, so where the split runs
+    out a worker gets a batch with nothing to score. Each pass starts a streaming execution: for a
+    split held in the object store, about 0.14 s more per evaluation on the CPU smoke run; one
+    streamed from storage starts its read tasks again (docs/benchmarks.md)."""
     if shard is None:
         return
-    for batch in shard.iter_batches(batch_size=spec.batch.micro_batch_size, batch_format="numpy"):
-        yield collate(_rows(batch), pad_id, spec.model.attn_implementation)
+    spec = loop.spec
+    batches = shard.iter_batches(batch_size=spec.batch.micro_batch_size, batch_format="numpy")
+    if loop.val_streamed:
+        for batch in batches:
+            yield collate(_rows(batch), pad_id, spec.model.attn_implementation)
+        return
+    group: list[dict[str, np.ndarray]] = []
+    for batch in itertools.chain(batches, [None]):
+        if batch is not None:
+            group.append(batch)
+        if group and (len(group) == world or batch is None):
+            mine = collate(_rows(group[min(rank, len(group) - 1)]), pad_id, spec.model.attn_implementation)
+            if rank >= len(group):
+                mine["labels"][:] = IGNORE_INDEX  # a forward pass for the other ranks' sake, scoring nothing
+            yield mine
+            group = []
 
 
 def all_reduce_sum(value: float) -> float:
@@ -223,18 +274,19 @@ def all_reduce_sum(value: float) -> float:
 # ---------------------------------------------------------------- the loop
 
 
-def train_loop(config: dict[str, Any]) -> None:
+def train_loop(config: dict[str, LoopConfig]) -> None:
     import ray.train
 
     # Setup: spec, seed, tokenizer, model (+ LoRA), engine, and where a previous attempt stopped.
-    spec = TrainingSpec.model_validate_json(config["spec"])
-    total_steps, pad_id = config["total_steps"], config["pad_id"]
+    loop = config["loop"]
+    spec, total_steps, inputs, run_uri = loop.spec, loop.total_steps, loop.inputs, loop.spec.run_uri
+    pad_id, stop_ids = inputs.pad_id, list(inputs.stop_ids)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(spec.seed)  # identical initialisation (LoRA too) on every worker
     scratch = Path(tempfile.mkdtemp(prefix="raysft-train-"))
     model_dir = local_model_dir(spec.model.uri, scratch)
-    tokenizer = load_tokenizer(model_dir, config["chat_template"])
+    tokenizer = load_tokenizer(model_dir, inputs.chat_template)
     engine = make_engine(spec, load_model(spec, model_dir), total_steps)
     position = Position()
     recovering = ray.train.get_checkpoint() is not None  # the run's own: it is restarting after a failure
@@ -245,16 +297,15 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resumed from step {position.global_step} (epoch {position.epoch}, "
                   f"micro-batch {position.cursor}) after {position.failures} failure(s)", flush=True)
-    log = MetricsLog(config["run_uri"], position.global_step,
-                     trackers=Trackers(spec, config["run_uri"])) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train") if config["train_held"] is None else None
-    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    log = MetricsLog(run_uri, position.global_step, trackers=Trackers(spec, run_uri)) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train") if loop.train_held is None else None
+    val_shard = ray.train.get_dataset_shard("val") if loop.has_val else None
 
     if spec.eval.at_start and position.global_step == 0:  # the base model, before any step
         metrics = {"step": 0, "total_steps": total_steps, "epoch": 0, "failures": 0}
-        metrics |= evaluate(engine, validation_batches(val_shard, spec, pad_id), all_reduce_sum)
+        metrics |= evaluate(engine, validation_batches(val_shard, loop, pad_id, rank, world), all_reduce_sum)
         if spec.eval.prompts:
-            metrics["generations"] = generate_answers(engine, tokenizer, spec, config["stop_ids"], spec.seed, rank)
+            metrics["generations"] = generate_answers(engine, tokenizer, spec, stop_ids, spec.seed, rank)
         ray.train.report(metrics, checkpoint_upload_mode=upload_mode(spec))
         if rank == 0:
             log.add(metrics, important=True)
@@ -263,7 +314,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # Train: one optimizer step per `grad_accum` micro-batches, until `total_steps`.
     window, clock, metrics = LogWindow(), time.perf_counter(), {}
     while position.global_step < total_steps:
-        batches = epoch_batches(config, shard, spec, position.epoch, position.cursor, rank, world)
+        batches = epoch_batches(loop.train_held, shard, spec, position.epoch, position.cursor, rank, world)
         for step in step_batches(batches, spec, pad_id, position):
             window.add(train_step(engine, step, world), step, time.perf_counter() - clock)
             position.global_step += 1
@@ -274,11 +325,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 clock = time.perf_counter()
                 continue
             metrics = {"step": n, "total_steps": total_steps, "epoch": position.epoch,
-                       "failures": position.failures} | window.metrics(engine.lr())
+                       "failures": position.failures} | window.metrics(engine.lr()) | worker_memory(engine)
             if save or answer:  # checkpoints are ranked by eval loss, so each one is evaluated
-                metrics |= evaluate(engine, validation_batches(val_shard, spec, pad_id), all_reduce_sum)
+                metrics |= evaluate(engine, validation_batches(val_shard, loop, pad_id, rank, world), all_reduce_sum)
             if answer and spec.eval.prompts:
-                metrics["generations"] = generate_answers(engine, tokenizer, spec, config["stop_ids"], spec.seed + n, rank)
+                metrics["generations"] = generate_answers(engine, tokenizer, spec, stop_ids, spec.seed + n, rank)
             if save:
                 started = time.perf_counter()
                 save_and_report(engine, tokenizer, spec, position, metrics, rank, final=n == total_steps)
@@ -298,8 +349,8 @@ def train_loop(config: dict[str, Any]) -> None:
     # Cleanup: rank 0 turns the final (or best) checkpoint into models ready to serve.
     if rank == 0:
         log.close()
-        chosen = export_checkpoint(spec, config["run_uri"], ray.train.get_checkpoint(), metrics.get("eval_loss"))
-        export(chosen, spec, config["stop_ids"], pad_id, model_dir, run_layout.export_uri(config["run_uri"]))
+        chosen = export_checkpoint(spec, run_uri, ray.train.get_checkpoint(), metrics.get("eval_loss"))
+        export(chosen, spec, stop_ids, pad_id, model_dir, run_layout.export_uri(run_uri))
     shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -318,7 +369,7 @@ def export_checkpoint(spec: TrainingSpec, run_uri: str, final, final_eval_loss: 
     return ray.train.Checkpoint(path=path, filesystem=fs)
 
 
-def train_step(engine, step: StepBatches, world: int) -> tuple[float, float | None]:
+def train_step(engine: Engine, step: StepBatches, world: int) -> tuple[float, float | None]:
     """Forward and backward every micro-batch of the step (the engine steps the optimizer at the
     last); returns this worker's share of the step loss and the gradient norm."""
     step_tokens = int(all_reduce_sum(step.trainable))
@@ -361,6 +412,16 @@ class LogWindow:
         return {"loss": loss / self.steps, "lr": lr, "grad_norm": self.grad_norm, "step_time_s": seconds / self.steps,
                 "trainable_tokens_per_s": trainable / seconds, "tokens_per_s": tokens / seconds,
                 "samples_per_s": samples / seconds}
+
+
+def worker_memory(engine: Engine) -> dict[str, float]:
+    """Peak accelerator memory since the last report, the largest over workers (none on CPU)."""
+    peak = engine.memory()
+    if not peak or not dist.is_initialized():
+        return peak
+    values = torch.tensor(list(peak.values()), dtype=torch.float64, device=torch.cuda.current_device())
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return dict(zip(peak, values.tolist(), strict=True))
 
 
 def upload_mode(spec: TrainingSpec, final: bool = False):

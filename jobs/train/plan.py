@@ -3,7 +3,7 @@
 The model is built from its config on the meta device (no weights are read or allocated), LoRA
 applied to it, and its parameters counted. Memory per worker follows the ZeRO paper's accounting
 (Rajbhandari et al., 2020): weights, gradients and optimizer state, each divided across workers
-by the ZeRO stage that shards it and moved off the accelerator by offload, plus an activation
+where the strategy shards it (`Sharding`: ZeRO stages, FSDP) and moved off the accelerator by offload, plus an activation
 estimate (Korthikanti et al., 2022: about 34·s·b·h bytes per layer at 16 bits with fused
 attention; with gradient checkpointing each layer's input plus one layer being recomputed) and the fp32 logits.
 """
@@ -16,7 +16,7 @@ from typing import Any
 from jobs.common.contract import Manifest
 from jobs.common.spec import SpecError
 from jobs.train.data_order import epoch_rows, steps_per_epoch
-from jobs.train.spec import DeepSpeedStrategy, DType, Method, TrainingSpec
+from jobs.train.spec import DType, Method, TrainingSpec
 
 GIB = 1024**3
 BYTES = {DType.FP32: 4, DType.BF16: 2, DType.FP16: 2}
@@ -61,17 +61,15 @@ class Memory:
 
 def estimate_memory(spec: TrainingSpec, shape: ModelShape, seq_len: int) -> Memory:
     workers = spec.scaling.num_workers
-    stage = spec.strategy.zero_stage if isinstance(spec.strategy, DeepSpeedStrategy) else 0
-    offload_opt = isinstance(spec.strategy, DeepSpeedStrategy) and spec.strategy.offload_optimizer
-    offload_params = isinstance(spec.strategy, DeepSpeedStrategy) and spec.strategy.offload_params
+    shards = spec.strategy.sharding
     width = BYTES[spec.model.dtype]
     frozen = shape.total_params - shape.trainable_params
     frozen_width = 0.5 if spec.method is Method.QLORA else width  # 4-bit base weights
-    weights = (frozen * frozen_width + shape.trainable_params * width) / (workers if stage == 3 else 1)
-    gradients = shape.trainable_params * width / (workers if stage >= 2 else 1)
+    weights = (frozen * frozen_width + shape.trainable_params * width) / (workers if shards.weights else 1)
+    gradients = shape.trainable_params * width / (workers if shards.gradients else 1)
     # AdamW: two moments in fp32, plus an fp32 master copy when training in 16 bits.
     per_param = 8 + (4 if width < 4 else 0)
-    optimizer = shape.trainable_params * per_param / (workers if stage >= 1 else 1)
+    optimizer = shape.trainable_params * per_param / (workers if shards.optimizer else 1)
     tokens = spec.batch.micro_batch_size * seq_len
     full_layer = 34 * tokens * shape.hidden_size * width / 2
     if spec.gradient_checkpointing:  # each layer's input kept, one layer recomputed at a time
@@ -79,7 +77,7 @@ def estimate_memory(spec: TrainingSpec, shape: ModelShape, seq_len: int) -> Memo
     else:
         activations = full_layer * shape.num_layers
     activations += 2 * tokens * shape.vocab_size * 4  # logits and their gradient, in fp32
-    host = (optimizer if offload_opt else 0) + (weights if offload_params else 0)
+    host = (optimizer if shards.offload_optimizer else 0) + (weights if shards.offload_params else 0)
     device = weights + gradients + optimizer + activations - host
     return Memory(*(round(x / GIB, 4) for x in (weights, gradients, optimizer, activations, device, host)))
 

@@ -45,6 +45,9 @@ def check_environment(spec: TrainingSpec, cluster_gpus: float,
                             "attention backward on CPU): use sdpa")
         if spec.model.dtype is not DType.FP32:
             problems.append(f"model.dtype: {spec.model.dtype.value} needs a GPU here: use fp32 on CPU")
+        if spec.strategy.kind == "fsdp" and spec.strategy.offload_params:
+            problems.append("strategy.offload_params: moves FSDP shards off the GPU; CPU workers hold them in host "
+                            "memory already: set offload_params: false")
     else:
         if spec.method is Method.QLORA and not installed("bitsandbytes"):
             problems.append("method: qlora needs bitsandbytes: install raysft[gpu] in the image")

@@ -7,6 +7,7 @@ can run and whether the datasets fit the model is checked before any worker star
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -86,6 +87,18 @@ class QuantizationSpec(SpecModel):
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too.")
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """What a strategy divides across workers, and what it keeps in host memory: the plan's
+    memory estimate per worker reads this, whatever the engine."""
+
+    weights: bool = False
+    gradients: bool = False
+    optimizer: bool = False
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
 class DeepSpeedStrategy(SpecModel):
     """DeepSpeed ZeRO (stage 0-3), optionally offloading optimizer state and parameters to CPU."""
 
@@ -102,11 +115,39 @@ class DeepSpeedStrategy(SpecModel):
             raise ValueError("offload_optimizer needs zero_stage >= 1")
         return self
 
+    @property
+    def sharding(self) -> Sharding:
+        stage = self.zero_stage
+        return Sharding(weights=stage == 3, gradients=stage >= 2, optimizer=stage >= 1,
+                        offload_optimizer=self.offload_optimizer, offload_params=self.offload_params)
+
 
 class DdpStrategy(SpecModel):
     """PyTorch DistributedDataParallel: every worker holds the whole model."""
 
     kind: Literal["ddp"] = "ddp"
+
+    @property
+    def sharding(self) -> Sharding:
+        return Sharding()
+
+
+class FsdpStrategy(SpecModel):
+    """PyTorch FSDP2 (`fully_shard`): each decoder layer and the root shard weights, gradients and
+    optimizer state across workers, gathering a layer only while it computes. Weights are kept in
+    fp32 shards; `model.dtype: bf16` computes in bf16 and reduces gradients in fp32."""
+
+    kind: Literal["fsdp"] = "fsdp"
+    reshard_after_forward: bool = Field(True, description="Free each decoder layer's gathered weights after its "
+                                        "forward pass and gather them again for backward (less memory, one more "
+                                        "all-gather per layer); false keeps them until backward.")
+    offload_params: bool = Field(False, description="Keep the parameter shards, gradients and optimizer state in "
+                                 "host memory (GPU workers only); the optimizer steps on the CPU.")
+
+    @property
+    def sharding(self) -> Sharding:
+        return Sharding(weights=True, gradients=True, optimizer=True, offload_optimizer=self.offload_params,
+                        offload_params=self.offload_params)
 
 
 class OptimSpec(SpecModel):
@@ -229,8 +270,8 @@ class TrainingSpec(SpecModel):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings (lora, qlora).")
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec,
                                            description="Base-weight quantization for qlora.")
-    strategy: DeepSpeedStrategy | DdpStrategy = Field(
-        default_factory=DeepSpeedStrategy, discriminator="kind", description="deepspeed or ddp.")
+    strategy: DeepSpeedStrategy | DdpStrategy | FsdpStrategy = Field(
+        default_factory=DeepSpeedStrategy, discriminator="kind", description="deepspeed, ddp or fsdp.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and schedule.")
     batch: BatchSpec = Field(default_factory=BatchSpec, description="Micro-batch and accumulation.")
     epochs: int | None = Field(1, ge=1, description="Passes over the data (unless max_steps is set).")
@@ -248,8 +289,15 @@ class TrainingSpec(SpecModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingSpec:
-        if self.method is Method.QLORA and isinstance(self.strategy, DeepSpeedStrategy) and self.strategy.zero_stage == 3:
-            raise ValueError("method qlora cannot shard 4-bit weights with zero_stage 3: use zero_stage 2 or ddp")
+        problems = []
+        if self.method is Method.QLORA and self.strategy.sharding.weights:
+            problems.append(f"method qlora cannot shard 4-bit weights ({self.strategy.kind} shards them): use "
+                            "deepspeed zero_stage 2 or ddp")
+        if self.strategy.kind == "fsdp" and self.model.dtype is DType.FP16:
+            problems.append("strategy fsdp computes in bf16 or fp32 (fp16 would need loss scaling of sharded "
+                            "gradients): use model.dtype bf16")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property
@@ -268,8 +316,8 @@ def load_training_spec(spec: str | Path | dict[str, Any]) -> TrainingSpec:
     return validate(TrainingSpec, read_document(spec))
 
 
-REFERENCE_MODELS = (TrainingSpec, ModelSpec, DatasetRef, LoraSpec, QuantizationSpec, DeepSpeedStrategy, DdpStrategy, OptimSpec,
-                    BatchSpec, ScalingSpec, CheckpointSpec, EvalSpec, ExportSpec, TrackingSpec)
+REFERENCE_MODELS = (TrainingSpec, ModelSpec, DatasetRef, LoraSpec, QuantizationSpec, DeepSpeedStrategy, DdpStrategy,
+                    FsdpStrategy, OptimSpec, BatchSpec, ScalingSpec, CheckpointSpec, EvalSpec, ExportSpec, TrackingSpec)
 
 if __name__ == "__main__":
     from jobs.common.spec import reference_markdown

@@ -1,5 +1,5 @@
 """GPU-only paths, skipped without CUDA (CI has none): flash attention's varlen path over packed
-rows, and QLoRA's 4-bit base model training its adapter."""
+rows, QLoRA's 4-bit base model training its adapter, mixed precision, and FSDP2 in bf16."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_qlora_trains_its_adapter_over_a_4bit_base(tiny_model):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_ddp_mixed_precision_computes_low_and_steps_fp32_weights_on_gpu(dtype):
-    from jobs.train.engines import MixedPrecision
+    from jobs.train.engines.ddp import MixedPrecision
     from jobs.train.spec import DType
 
     precision = MixedPrecision(DType(dtype), "cuda")
@@ -87,3 +87,16 @@ def test_ddp_mixed_precision_computes_low_and_steps_fp32_weights_on_gpu(dtype):
     precision.backward(out.float().pow(2).mean())
     precision.step(optimizer, layer.parameters(), max_norm=1.0)
     assert layer.weight.dtype is torch.float32 and not torch.equal(layer.weight, before)
+
+
+@pytest.mark.parametrize("strategy", [{"kind": "fsdp"}, {"kind": "fsdp", "offload_params": True}],
+                         ids=["fsdp", "fsdp-offload"])
+def test_fsdp_trains_in_bf16_on_gpu_and_reports_its_memory(tiny_model, prepared, tmp_path, strategy):
+    from support.jobs import run, step_metrics, training_spec
+
+    spec = training_spec(tiny_model, prepared, tmp_path, name="fsdp-gpu", strategy=strategy, method="full",
+                         model={"uri": str(tiny_model), "dtype": "bf16"},
+                         scaling={"num_workers": 1, "use_gpu": True, "gpus_per_worker": 1})
+    steps = step_metrics(run("jobs.train", spec).stdout)
+    assert steps[10]["loss"] < steps[1]["loss"]
+    assert steps[10]["gpu_peak_allocated_gib"] > 0 and steps[10]["gpu_peak_reserved_gib"] >= steps[10]["gpu_peak_allocated_gib"]

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from jobs.train.engines import lr_lambda
+from jobs.train.engines.base import lr_lambda
 from jobs.train.spec import load_training_spec
 
 MINIMAL = {"name": "run", "model": {"uri": "m", "dtype": "fp32"}, "datasets": [{"uri": "d"}],

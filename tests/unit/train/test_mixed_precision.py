@@ -5,7 +5,8 @@ where torch runs bf16 and fp16 autocast."""
 import pytest
 import torch
 
-from jobs.train.engines import MixedPrecision, weights_dtype
+from jobs.train.engines.ddp import MixedPrecision
+from jobs.train.engines.registry import weights_dtype
 from jobs.train.spec import DType, load_training_spec
 
 MINIMAL = {"name": "run", "model": {"uri": "m", "dtype": "bf16"}, "datasets": [{"uri": "d"}],
@@ -56,6 +57,8 @@ def test_fp32_is_plain():
     ("full", {"kind": "ddp"}, torch.float32),  # the master copy DDP's optimizer steps
     ("full", {"kind": "deepspeed", "zero_stage": 2}, torch.bfloat16),  # DeepSpeed keeps its own fp32 copy
     ("lora", {"kind": "ddp"}, torch.bfloat16),  # a frozen base
+    ("lora", {"kind": "fsdp"}, torch.float32),  # fp32 shards; FSDP's policy casts each gathered layer
+    ("full", {"kind": "fsdp"}, torch.float32),
 ])
 def test_weights_load_in_fp32_where_the_engine_keeps_no_master_copy(method, strategy, expected):
     assert weights_dtype(load_training_spec(MINIMAL | {"method": method, "strategy": strategy})) is expected

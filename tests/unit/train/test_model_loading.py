@@ -15,7 +15,7 @@ import pytest
 import torch
 from support.jobs import training_spec
 
-from jobs.train.engines import load_without_code
+from jobs.train.engines.deepspeed import load_without_code
 from jobs.train.loop import load_model
 from jobs.train.spec import load_training_spec
 

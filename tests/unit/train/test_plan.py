@@ -35,6 +35,16 @@ def test_memory_follows_the_zero_stages():
     assert offload.device_total == pytest.approx(z3.device_total - offload.host_offloaded, abs=1e-3)
 
 
+def test_fsdp_shards_like_zero_3():
+    """FSDP2 shards weights, gradients and optimizer state across workers, as ZeRO-3 does; its
+    offload moves the shards and the optimizer step to host memory."""
+    z3 = estimate_memory(spec(strategy={"kind": "deepspeed", "zero_stage": 3}), SHAPE, 1024)
+    fsdp = estimate_memory(spec(strategy={"kind": "fsdp"}), SHAPE, 1024)
+    assert fsdp == z3
+    offload = estimate_memory(spec(strategy={"kind": "fsdp", "offload_params": True}), SHAPE, 1024)
+    assert offload.host_offloaded == pytest.approx(z3.optimizer + z3.weights, abs=1e-3)
+
+
 def test_lora_qlora_and_checkpointing_shrink_the_estimate():
     lora_shape = ModelShape(SHAPE.total_params, 40 * 10**6, 4096, 32, 32000)
     lora = estimate_memory(spec(method="lora", strategy={"kind": "ddp"}), lora_shape, 2048)

@@ -10,7 +10,7 @@ from support.jobs import stub_manifest
 from jobs import scaffold_model
 from jobs.common.spec import SpecError
 from jobs.train.preflight import check_datasets, check_environment
-from jobs.train.spec import DdpStrategy, DeepSpeedStrategy, load_training_spec
+from jobs.train.spec import DdpStrategy, DeepSpeedStrategy, FsdpStrategy, load_training_spec
 
 MINIMAL = {"name": "run", "model": {"uri": "m", "dtype": "fp32"}, "datasets": [{"uri": "d"}],
            "checkpoint": {"storage": "ckpt"}}
@@ -22,6 +22,23 @@ def test_defaults_and_strategy_union():
     assert spec.method.value == "lora" and spec.lora.target_modules == "all-linear"
     ddp = load_training_spec(MINIMAL | {"strategy": {"kind": "ddp"}})
     assert isinstance(ddp.strategy, DdpStrategy)
+    fsdp = load_training_spec(MINIMAL | {"strategy": {"kind": "fsdp"}})
+    assert isinstance(fsdp.strategy, FsdpStrategy) and fsdp.strategy.reshard_after_forward
+    assert not fsdp.strategy.offload_params
+
+
+def test_fsdp_refuses_what_it_cannot_train_with_the_fix():
+    with pytest.raises(SpecError) as info:
+        load_training_spec(MINIMAL | {"method": "qlora", "strategy": {"kind": "fsdp"},
+                                      "model": {"uri": "m", "dtype": "fp16"}})
+    text = "\n".join(info.value.problems)
+    assert "qlora cannot shard 4-bit weights (fsdp shards them)" in text and "use model.dtype bf16" in text
+    offloaded = load_training_spec(MINIMAL | {"strategy": {"kind": "fsdp", "offload_params": True}})
+    with pytest.raises(SpecError, match="set offload_params: false"):
+        check_environment(offloaded, cluster_gpus=0)
+    gpu = load_training_spec(MINIMAL | {"strategy": {"kind": "fsdp", "offload_params": True},
+                                        "scaling": {"use_gpu": True, "num_workers": 2}})
+    check_environment(gpu, cluster_gpus=2, installed=lambda name: True)
 
 
 def test_the_service_finds_a_run_where_the_job_writes_it():
