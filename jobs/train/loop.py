@@ -42,7 +42,7 @@ from jobs.train.engines.registry import make_engine, weights_dtype
 from jobs.train.evaluate import evaluate, generate_answers
 from jobs.train.export import export
 from jobs.train.metrics_log import MetricsLog
-from jobs.train.packed_batch import collate, micro_batch_loss, static_flex_shapes, trained_tokens
+from jobs.train.packed_batch import collate, micro_batch_loss, on_device, static_flex_shapes, trained_tokens
 from jobs.train.spec import Attention, CheckpointUpload, ExportCheckpoint, Method, TrainingSpec
 from jobs.train.tracking import Trackers
 
@@ -235,7 +235,8 @@ def step_batches(batches: Iterator[dict[str, np.ndarray]], spec: TrainingSpec, p
             pending = StepBatches([])
 
 
-def validation_batches(shard, loop: LoopConfig, pad_id: int, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
+def validation_batches(shard, loop: LoopConfig, pad_id: int, rank: int, world: int,
+                       device: torch.device = torch.device("cpu")) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's share of the validation split, streamed afresh at each evaluation, so a worker
     never holds more of it than the batches in flight, however large the split: its Ray Train
     split when streamed from storage (equal-sized), else one micro-batch of every `world` of the
@@ -250,7 +251,7 @@ def validation_batches(shard, loop: LoopConfig, pad_id: int, rank: int, world: i
     batches = shard.iter_batches(batch_size=spec.batch.micro_batch_size, batch_format="numpy")
     if loop.val_streamed:
         for batch in batches:
-            yield collate(_rows(batch), pad_id, spec.model.attn_implementation)
+            yield on_device(collate(_rows(batch), pad_id, spec.model.attn_implementation), device)
         return
     group: list[dict[str, np.ndarray]] = []
     for batch in itertools.chain(batches, [None]):
@@ -260,12 +261,19 @@ def validation_batches(shard, loop: LoopConfig, pad_id: int, rank: int, world: i
             mine = collate(_rows(group[min(rank, len(group) - 1)]), pad_id, spec.model.attn_implementation)
             if rank >= len(group):
                 mine["labels"][:] = IGNORE_INDEX  # a forward pass for the other ranks' sake, scoring nothing
-            yield mine
+            yield on_device(mine, device)
             group = []
 
 
+def reduce_device() -> torch.device:
+    """Where a collective's tensors must live: NCCL (GPU workers) reduces CUDA tensors only."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=reduce_device())
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return float(tensor.item())
@@ -276,6 +284,7 @@ def all_reduce_sum(value: float) -> float:
 
 def train_loop(config: dict[str, LoopConfig]) -> None:
     import ray.train
+    import ray.train.torch
 
     # Setup: spec, seed, tokenizer, model (+ LoRA), engine, and where a previous attempt stopped.
     loop = config["loop"]
@@ -283,6 +292,7 @@ def train_loop(config: dict[str, LoopConfig]) -> None:
     pad_id, stop_ids = inputs.pad_id, list(inputs.stop_ids)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
     torch.manual_seed(spec.seed)  # identical initialisation (LoRA too) on every worker
     scratch = Path(tempfile.mkdtemp(prefix="raysft-train-"))
     model_dir = local_model_dir(spec.model.uri, scratch)
@@ -303,7 +313,7 @@ def train_loop(config: dict[str, LoopConfig]) -> None:
 
     if spec.eval.at_start and position.global_step == 0:  # the base model, before any step
         metrics = {"step": 0, "total_steps": total_steps, "epoch": 0, "failures": 0}
-        metrics |= evaluate(engine, validation_batches(val_shard, loop, pad_id, rank, world), all_reduce_sum)
+        metrics |= evaluate(engine, validation_batches(val_shard, loop, pad_id, rank, world, device), all_reduce_sum)
         if spec.eval.prompts:
             metrics["generations"] = generate_answers(engine, tokenizer, spec, stop_ids, spec.seed, rank)
         ray.train.report(metrics, checkpoint_upload_mode=upload_mode(spec))
@@ -316,7 +326,7 @@ def train_loop(config: dict[str, LoopConfig]) -> None:
     while position.global_step < total_steps:
         batches = epoch_batches(loop.train_held, shard, spec, position.epoch, position.cursor, rank, world)
         for step in step_batches(batches, spec, pad_id, position):
-            window.add(train_step(engine, step, world), step, time.perf_counter() - clock)
+            window.add(train_step(engine, step, world, device), step, time.perf_counter() - clock)
             position.global_step += 1
             n = position.global_step
             save = n % spec.checkpoint.every_steps == 0 or n == total_steps
@@ -327,7 +337,7 @@ def train_loop(config: dict[str, LoopConfig]) -> None:
             metrics = {"step": n, "total_steps": total_steps, "epoch": position.epoch,
                        "failures": position.failures} | window.metrics(engine.lr()) | worker_memory(engine)
             if save or answer:  # checkpoints are ranked by eval loss, so each one is evaluated
-                metrics |= evaluate(engine, validation_batches(val_shard, loop, pad_id, rank, world), all_reduce_sum)
+                metrics |= evaluate(engine, validation_batches(val_shard, loop, pad_id, rank, world, device), all_reduce_sum)
             if answer and spec.eval.prompts:
                 metrics["generations"] = generate_answers(engine, tokenizer, spec, stop_ids, spec.seed + n, rank)
             if save:
@@ -369,13 +379,13 @@ def export_checkpoint(spec: TrainingSpec, run_uri: str, final, final_eval_loss: 
     return ray.train.Checkpoint(path=path, filesystem=fs)
 
 
-def train_step(engine: Engine, step: StepBatches, world: int) -> tuple[float, float | None]:
+def train_step(engine: Engine, step: StepBatches, world: int, device: torch.device) -> tuple[float, float | None]:
     """Forward and backward every micro-batch of the step (the engine steps the optimizer at the
     last); returns this worker's share of the step loss and the gradient norm."""
     step_tokens = int(all_reduce_sum(step.trainable))
     loss_share, grad_norm = 0.0, None
     for j, batch in enumerate(step.batches):
-        loss = micro_batch_loss(engine.forward, batch, step_tokens, world)
+        loss = micro_batch_loss(engine.forward, on_device(batch, device), step_tokens, world)
         grad_norm = engine.backward(loss, boundary=j == len(step.batches) - 1)
         loss_share += loss.item() / world
     return loss_share, grad_norm
@@ -404,7 +414,8 @@ class LogWindow:
         self.samples += step.samples
 
     def metrics(self, lr: float) -> dict[str, Any]:
-        totals = torch.tensor([self.loss, self.trainable_tokens, self.tokens, self.samples], dtype=torch.float64)
+        totals = torch.tensor([self.loss, self.trainable_tokens, self.tokens, self.samples], dtype=torch.float64,
+                              device=reduce_device())
         if dist.is_initialized():
             dist.all_reduce(totals)
         loss, trainable, tokens, samples = totals.tolist()
@@ -419,7 +430,7 @@ def worker_memory(engine: Engine) -> dict[str, float]:
     peak = engine.memory()
     if not peak or not dist.is_initialized():
         return peak
-    values = torch.tensor(list(peak.values()), dtype=torch.float64, device=torch.cuda.current_device())
+    values = torch.tensor(list(peak.values()), dtype=torch.float64, device=reduce_device())
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return dict(zip(peak, values.tolist(), strict=True))
 

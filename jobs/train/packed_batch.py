@@ -93,6 +93,12 @@ def document_mask(seq_lens: np.ndarray):
     return create_block_mask(same_sample_causal, B=None, H=None, Q_LEN=total, KV_LEN=total, device="cpu")
 
 
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The micro-batch on the worker's device, labels included (engines move only the model's
+    inputs, if any; the loss compares the logits with the labels). A flex `BlockMask` moves too."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keyword arguments of the model's forward: everything but the labels."""
     return {k: v for k, v in batch.items() if k != "labels"}

@@ -1,5 +1,6 @@
 """GPU-only paths, skipped without CUDA (CI has none): flash attention's varlen path over packed
-rows, QLoRA's 4-bit base model training its adapter, mixed precision, and FSDP2 in bf16."""
+rows, QLoRA's 4-bit base model training its adapter, mixed precision, and whole training runs on
+each engine."""
 
 from __future__ import annotations
 
@@ -89,12 +90,15 @@ def test_ddp_mixed_precision_computes_low_and_steps_fp32_weights_on_gpu(dtype):
     assert layer.weight.dtype is torch.float32 and not torch.equal(layer.weight, before)
 
 
-@pytest.mark.parametrize("strategy", [{"kind": "fsdp"}, {"kind": "fsdp", "offload_params": True}],
-                         ids=["fsdp", "fsdp-offload"])
-def test_fsdp_trains_in_bf16_on_gpu_and_reports_its_memory(tiny_model, prepared, tmp_path, strategy):
+@pytest.mark.parametrize("strategy", [{"kind": "ddp"}, {"kind": "deepspeed", "zero_stage": 2}, {"kind": "fsdp"},
+                                      {"kind": "fsdp", "offload_params": True}],
+                         ids=["ddp", "zero2", "fsdp", "fsdp-offload"])
+def test_every_engine_trains_in_bf16_on_gpu_and_reports_its_memory(tiny_model, prepared, tmp_path, strategy):
+    """A whole `jobs.train` run on the GPU: batches (labels too) on the device, collectives over
+    NCCL on CUDA tensors, bf16 compute, and the peak memory in the metrics."""
     from support.jobs import run, step_metrics, training_spec
 
-    spec = training_spec(tiny_model, prepared, tmp_path, name="fsdp-gpu", strategy=strategy, method="full",
+    spec = training_spec(tiny_model, prepared, tmp_path, name="gpu", strategy=strategy, method="full",
                          model={"uri": str(tiny_model), "dtype": "bf16"},
                          scaling={"num_workers": 1, "use_gpu": True, "gpus_per_worker": 1})
     steps = step_metrics(run("jobs.train", spec).stdout)
