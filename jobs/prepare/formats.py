@@ -30,6 +30,7 @@ MESSAGE_ROLES = {"system", "user", "assistant"}
 DEFAULT_KEYS: dict[SourceFormat, dict[str, str]] = {
     SourceFormat.ALPACA: {"prompt": "instruction", "input": "input", "response": "output", "system": "system"},
     SourceFormat.QA: {"prompt": "question", "response": "answer", "system": "system"},
+    SourceFormat.INPUT_OUTPUT: {"prompt": "input", "response": "output", "system": "system"},
     SourceFormat.PROMPT_RESPONSE: {"system": "system"},
     SourceFormat.SHAREGPT: {"messages": "conversations", "system": "system"},
     SourceFormat.MESSAGES: {"messages": "messages"},
@@ -68,6 +69,8 @@ def detect_format(record: dict[str, Any], fields: FieldMap) -> SourceFormat:
         return SourceFormat.ALPACA
     if "question" in record and "answer" in record:
         return SourceFormat.QA
+    if "input" in record and "output" in record:  # after alpaca, whose rows have both as well
+        return SourceFormat.INPUT_OUTPUT
     if "text" in record:
         return SourceFormat.TEXT
     raise RowReject("unknown_format", f"cannot tell the format from keys {sorted(record)[:8]}")

@@ -24,6 +24,7 @@ FILE_TYPES = {
     ".csv": "csv",
     ".parquet": "parquet",
     ".pq": "parquet",
+    ".txt": "txt",
 }
 
 
@@ -111,13 +112,39 @@ def _csv_rows(data: bytes) -> Iterator[Row]:
         yield Row(line, raw, record=dict(record))
 
 
+def _txt_rows(data: bytes) -> Iterator[Row]:
+    """Plain text, as `{"text": ...}` records: one per blank-line-separated block when the file has
+    a blank line, else one per line, each numbered by its first line. A block or line that is not
+    UTF-8 is one `invalid_utf8` row."""
+    lines = [line.rstrip(b"\r") for line in data.split(b"\n")]
+    blank = [not line.strip() for line in lines]
+    pieces: list[tuple[int, list[bytes]]] = []  # (first line, lines)
+    if any(blank[:-1]):  # the empty string after a final newline is no blank line
+        for number, line in enumerate(lines, start=1):
+            if blank[number - 1]:
+                continue
+            if number == 1 or blank[number - 2]:
+                pieces.append((number, []))
+            pieces[-1][1].append(line)
+    else:
+        pieces = [(number, [line]) for number, line in enumerate(lines, start=1) if not blank[number - 1]]
+    for number, parts in pieces:
+        raw = b"\n".join(parts)
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            yield Row(number, _raw(raw), reason="invalid_utf8", detail=str(e))
+            continue
+        yield Row(number, text, record={"text": text})
+
+
 def _parquet_rows(data: bytes) -> Iterator[Row]:
     table = pq.read_table(pa.BufferReader(data))
     for index, record in enumerate(table.to_pylist(), start=1):
         yield Row(index, json.dumps(record, ensure_ascii=False, default=str), record=record)
 
 
-_READERS = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}
+_READERS = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows, "txt": _txt_rows}
 
 
 def split_rows(path: str, data: bytes) -> Iterator[Row]:
@@ -125,7 +152,7 @@ def split_rows(path: str, data: bytes) -> Iterator[Row]:
     kind = file_type(path)
     if kind is None:
         yield Row(0, "", reason="unsupported_file_type",
-                  detail=f"{path}: use .jsonl, .json, .csv or .parquet")
+                  detail=f"{path}: use .jsonl, .json, .csv, .parquet or .txt")
         return
     try:
         yield from _READERS[kind](data)

@@ -26,6 +26,7 @@ class SourceFormat(StrEnum):
     SHAREGPT = "sharegpt"  # conversations: [{from: human|gpt|system, value}]
     MESSAGES = "messages"  # OpenAI chat: messages: [{role, content}]
     QA = "qa"  # question / answer (/ source)
+    INPUT_OUTPUT = "input_output"  # input / output (/ system)
     PROMPT_RESPONSE = "prompt_response"  # any two keys named in `fields`
     TEXT = "text"  # plain text, trained on every token
 

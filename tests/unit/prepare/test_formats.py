@@ -33,6 +33,8 @@ def test_messages_qa_prompt_response_text_and_renames():
     fields = FieldMap(prompt="query", response="reply")
     assert to_messages({"query": "q", "reply": "a"}, F.PROMPT_RESPONSE, fields) == msgs(("user", "q"), ("assistant", "a"))
     assert to_messages({"body": "doc"}, F.TEXT, FieldMap(text="body")) == [{"role": "text", "content": "doc"}]
+    assert to_messages({"input": "q", "output": "a", "system": "s"}, F.AUTO, FieldMap()) == msgs(
+        ("system", "s"), ("user", "q"), ("assistant", "a"))
     renamed = FieldMap(prompt="task", response="solution")
     assert to_messages({"task": "t", "input": "", "solution": "s"}, F.ALPACA, renamed)[-1]["content"] == "s"
 
@@ -42,6 +44,8 @@ def test_messages_qa_prompt_response_text_and_renames():
     ({"messages": []}, F.MESSAGES),
     ({"instruction": "i", "output": "o"}, F.ALPACA),
     ({"question": "q", "answer": "a"}, F.QA),
+    ({"instruction": "i", "input": "x", "output": "o"}, F.ALPACA),  # alpaca rows have input and output too
+    ({"input": "x", "output": "o"}, F.INPUT_OUTPUT),
     ({"text": "t"}, F.TEXT),
 ])
 def test_auto_detection(record, fmt):

@@ -45,3 +45,14 @@ def test_parquet_rows_and_unreadable_file():
 def test_unsupported_extension_is_one_reject():
     rows = list(split_rows("notes.docx", b"..."))
     assert [r.reason for r in rows] == ["unsupported_file_type"]
+
+
+def test_text_files_are_one_sample_per_line_or_per_blank_line_separated_block():
+    by_line = list(split_rows("notes.txt", b"first sample\n  second sample  \n"))
+    assert [(r.line, r.record) for r in by_line] == [(1, {"text": "first sample"}), (2, {"text": "second sample"})]
+    by_block = list(split_rows("book.TXT", b"\n\nOne paragraph\r\nover two lines.\r\n\r\n\r\nAnother.\n"))
+    assert [(r.line, r.record) for r in by_block] == [(3, {"text": "One paragraph\nover two lines."}),
+                                                       (7, {"text": "Another."})]
+    bad = list(split_rows("mixed.txt", b"fine\n\xff\xfe not utf-8\n"))
+    assert [r.reason for r in bad] == [None, "invalid_utf8"] and bad[1].line == 2
+    assert list(split_rows("empty.txt", b"")) == []
