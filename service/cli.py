@@ -25,6 +25,9 @@ import httpx
 import typer
 import yaml
 
+from jobs.common.overrides import apply_overrides
+from jobs.common.spec import SpecError
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 # Shown under every client command's help: what it reads from the environment and how it exits.
 ENVIRONMENT = (f"Environment: RAYSFT_URL, the service's address (default {DEFAULT_URL}); RAYSFT_API_KEY, an API "
@@ -147,7 +150,10 @@ def submit(kind: Annotated[str, typer.Argument(help="dataset | training | pipeli
            idempotency_key: Annotated[str | None, typer.Option(help="resubmitting with it returns the same job")] = None,
            force: Annotated[bool, typer.Option(help="dataset or pipeline: prepare again even if its output was "
                                                "prepared from the same spec, inputs and tokenizer")] = False,
-           wait_: Annotated[bool, typer.Option("--wait", help="wait for the job to end")] = False) -> None:
+           wait_: Annotated[bool, typer.Option("--wait", help="wait for the job to end")] = False,
+           overrides: Annotated[list[str] | None, typer.Option(
+               "--set", metavar="PATH=VALUE", help="override a spec field, e.g. --set optim.lr=2e-4 (repeatable)")] = None,
+           ) -> None:
     """Submit a spec; prints the job id."""
     if kind not in ("dataset", "training", "pipeline"):
         typer.echo("error: kind is dataset, training or pipeline", err=True)
@@ -155,7 +161,11 @@ def submit(kind: Annotated[str, typer.Argument(help="dataset | training | pipeli
     if force and kind == "training":
         typer.echo("error: --force prepares a dataset again: it is for dataset and pipeline jobs", err=True)
         raise typer.Exit(2)
-    body = yaml.safe_load(spec.read_text())
+    try:
+        body = apply_overrides(yaml.safe_load(spec.read_text()), overrides or [])
+    except SpecError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
     params = {"force": "true"} if force else {}
     job = request("POST", f"/v1/{kind}s", json=body, headers=headers, params=params).json()

@@ -1,6 +1,6 @@
 """Stage 1: conversation datasets -> tokenized, masked, packed Parquet with a manifest.
 
-    python -m jobs.prepare --spec configs/datasets/demo.yaml
+    python -m jobs.prepare --spec configs/datasets/demo.yaml [--set max_seq_length=2048 ...]
     ray job submit -- python -m jobs.prepare --spec '{"name": ...}'
 
 An output whose manifest records the same spec, input files (size and modification time) and
@@ -25,6 +25,8 @@ from jobs.prepare.spec import load_spec
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="dataset spec: a YAML/JSON file or inline JSON")
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
+                        help="override a spec field, e.g. --set max_seq_length=2048 (repeatable)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
     parser.add_argument("--batch-size", type=int, default=Options.batch_size, help="rows per tokenizer call")
     parser.add_argument("--blocks", type=int, default=None, help="repartition parsed rows into N blocks before tokenizing")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                       in_process_max_bytes=args.in_process_max_bytes,
                       force=args.force)
     try:
-        manifest = prepare(load_spec(args.spec), options)
+        manifest = prepare(load_spec(args.spec, args.overrides), options)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

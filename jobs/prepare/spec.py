@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from jobs.common.overrides import apply_overrides
 from jobs.common.spec import ModelUri, Name, SpecModel, Uri, read_document, reference_markdown, validate
 
 
@@ -201,9 +203,10 @@ class DatasetSpec(SpecModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def load_spec(spec: str | Path | dict[str, Any]) -> DatasetSpec:
-    """The dataset spec from a mapping, a file path, or an inline JSON/YAML string."""
-    return validate(DatasetSpec, read_document(spec))
+def load_spec(spec: str | Path | dict[str, Any], overrides: Iterable[str] = ()) -> DatasetSpec:
+    """The dataset spec from a mapping, a file path, or an inline JSON/YAML string, with
+    `--set path=value` overrides applied (`jobs.common.overrides`)."""
+    return validate(DatasetSpec, apply_overrides(read_document(spec), overrides))
 
 
 REFERENCE_MODELS = (DatasetSpec, Source, FieldMap, Filters)

@@ -1,6 +1,6 @@
 """Stage 2: fine-tune on prepared datasets with Ray Train (DeepSpeed ZeRO or DDP, LoRA or full).
 
-    python -m jobs.train --spec configs/training/cpu-smoke.yaml [--dry-run]
+    python -m jobs.train --spec configs/training/cpu-smoke.yaml [--set optim.lr=2e-4 ...] [--dry-run]
     ray job submit -- python -m jobs.train --spec /abs/path/spec.yaml
 
 Before any worker starts, the spec is checked against this cluster (GPU-only features) and the
@@ -40,6 +40,8 @@ def report(result, spec: TrainingSpec) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="training spec: a YAML/JSON file or inline JSON")
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
+                        help="override a spec field, e.g. --set optim.lr=2e-4 (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
     parser.add_argument("--in-memory-max-bytes", type=int, default=IN_MEMORY_MAX_BYTES,
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        spec = load_training_spec(args.spec)
+        spec = load_training_spec(args.spec, args.overrides)
         if args.dry_run:
             print(json.dumps(dry_run(spec), indent=2))
             return 0

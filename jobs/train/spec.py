@@ -7,6 +7,7 @@ can run and whether the datasets fit the model is checked before any worker star
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from jobs.common import run_layout
+from jobs.common.overrides import apply_overrides
 from jobs.common.spec import ModelUri, Name, SpecModel, Uri, check_uri, read_document, reference_markdown, validate
 
 
@@ -311,9 +313,10 @@ class TrainingSpec(SpecModel):
         return self.batch.micro_batch_size * self.batch.grad_accum * self.scaling.num_workers
 
 
-def load_training_spec(spec: str | Path | dict[str, Any]) -> TrainingSpec:
-    """The training spec from a mapping, a file path, or an inline JSON/YAML string."""
-    return validate(TrainingSpec, read_document(spec))
+def load_training_spec(spec: str | Path | dict[str, Any], overrides: Iterable[str] = ()) -> TrainingSpec:
+    """The training spec from a mapping, a file path, or an inline JSON/YAML string, with
+    `--set path=value` overrides applied (`jobs.common.overrides`)."""
+    return validate(TrainingSpec, apply_overrides(read_document(spec), overrides))
 
 
 REFERENCE_MODELS = (TrainingSpec, ModelSpec, DatasetRef, LoraSpec, QuantizationSpec, DeepSpeedStrategy, DdpStrategy,

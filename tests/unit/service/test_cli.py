@@ -169,3 +169,16 @@ def test_files_upload_with_progress_list_and_delete(service, tmp_path):
     assert run("files", "delete", ids[0]).exit_code == 0
     assert "1 of 1" in run("files", "list").output
     assert run("files", "upload", str(tmp_path / "missing.jsonl")).exit_code == 2  # typer: no such file
+
+
+def test_submit_set_overrides_a_field_without_editing_the_file(service, tmp_path):
+    spec = tmp_path / "demo.yaml"
+    spec.write_text(json.dumps(dataset_body(service.data_dir)))
+    submitted = run("submit", "dataset", str(spec), "--set", "max_seq_length=512", "--set", "name=demo-512")
+    assert submitted.exit_code == 0, submitted.output
+    job = json.loads(run("jobs", "get", submitted.output.strip()).output)
+    assert job["spec"]["max_seq_length"] == 512 and job["spec"]["name"] == "demo-512"
+    malformed = run("submit", "dataset", str(spec), "--set", "max_seq_length")
+    assert malformed.exit_code == 2 and "write path.to.field=value" in malformed.output
+    invalid = run("submit", "dataset", str(spec), "--set", "max_seq_length=-1")
+    assert invalid.exit_code == 2 and "max_seq_length" in invalid.output
