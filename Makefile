@@ -95,7 +95,7 @@ test-real-model: $(STAMP) $(REAL_MODEL)/config.json $(GEMMA3_MODEL)/config.json
 	$(PY) -m pytest -q tests/real_model
 
 # Quality parity with a peer: the real SmolLM2 fine-tuned on a two-dataset mixture by raysft and by
-# TRL's SFTTrainer, three seeds each, held-out loss per dataset compared (about 15 minutes).
+# TRL's SFTTrainer, two seeds each, held-out loss per dataset compared (about 10 minutes).
 test-parity: $(STAMP) $(REAL_MODEL)/config.json
 	rm -f .cache/parity.json
 	$(PY) -m pytest -q tests/parity; status=$$?; cat .cache/parity.json 2>/dev/null; exit $$status

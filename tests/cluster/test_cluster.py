@@ -197,13 +197,23 @@ def lora_run(name: str, prepared: str, steps: int, **overrides) -> dict:
             "checkpoint": {"storage": f"s3://{BUCKET}/runs", "every_steps": 4, "keep": 2}} | overrides
 
 
-def test_ray_job_submit_from_outside_runs_both_jobs_and_needs_the_token(cluster, submitted):
-    refused, done = submitted["refused"], submitted["done"]
+FAULT_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, submitted) -> subprocess.CompletedProcess:
+    """`ray job submit` of a training on what `submitted` prepared, never interrupted: the run the
+    fault tests end equal to."""
+    return ray_submit(cluster, "jobs.train", lora_run("uninterrupted", submitted["uri"], FAULT_STEPS),
+                      token=cluster.token)
+
+
+def test_ray_job_submit_from_outside_runs_both_jobs_and_needs_the_token(cluster, submitted, uninterrupted):
+    refused = submitted["refused"]
     assert refused.returncode != 0
     assert "token" in (refused.stdout + refused.stderr).lower(), refused.stdout[-2000:] + refused.stderr[-2000:]
-    assert done.returncode == 0 and "succeeded" in done.stdout.lower(), done.stdout[-3000:] + done.stderr[-3000:]
-    done = ray_submit(cluster, "jobs.train", lora_run("submitted-lora", submitted["uri"], 4), token=cluster.token)
-    assert done.returncode == 0 and "succeeded" in done.stdout.lower(), done.stdout[-3000:] + done.stderr[-3000:]
+    for done in (submitted["done"], uninterrupted):  # jobs.prepare, then jobs.train
+        assert done.returncode == 0 and "succeeded" in done.stdout.lower(), done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def adapter(run: str, step: int) -> dict:
@@ -235,15 +245,9 @@ def wait_for_ray_job(cluster: Cluster, submission_id: str, until, timeout: float
     raise TimeoutError(job_logs(cluster, submission_id)[-4000:])
 
 
-FAULT_STEPS = 12
-
-
 def test_a_worker_node_killed_mid_training_is_survived_with_the_parameters_of_an_uninterrupted_run(
-        cluster, submitted, record_property):
-    reference = ray_submit(cluster, "jobs.train", lora_run("uninterrupted", submitted["uri"], FAULT_STEPS),
-                           token=cluster.token)
-    assert reference.returncode == 0, reference.stdout[-3000:]
-
+        cluster, submitted, uninterrupted, record_property):
+    assert uninterrupted.returncode == 0, uninterrupted.stdout[-3000:]
     spec = lora_run("node-lost", submitted["uri"], FAULT_STEPS)
     submission = ray_submit(cluster, "jobs.train", spec, token=cluster.token, wait=False)
     wait_for_ray_job(cluster, submission, lambda: '{"step": 6' in job_logs(cluster, submission))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.jobs import max_difference, run, run_watching, step_metrics, train_workers, training_spec
+from support.jobs import REFERENCE_STEPS as STEPS
+from support.jobs import (
+    Finished,
+    finished,
+    max_difference,
+    reference_spec,
+    run,
+    run_watching,
+    step_metrics,
+    train_workers,
+)
 
 from jobs.common import run_layout, tokenizer_files
 from jobs.train.evaluate import evaluate
@@ -23,27 +32,13 @@ from jobs.train.packed_batch import collate
 
 # Each test trains real 2-worker runs (40-90 s each on 2 cores): `make test-slow`.
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-STEPS = 20
 FSDP = {"kind": "fsdp"}
 
 
 def engine_spec(tiny_model, prepared, storage, name: str, strategy: dict, **overrides) -> dict:
-    """20 LoRA steps with dropout on (so the random streams matter), checkpoints every 5, all kept."""
-    return training_spec(tiny_model, prepared, storage, name=name, max_steps=STEPS, strategy=strategy,
-                         lora={"r": 8, "alpha": 16, "dropout": 0.1}, eval={"every_steps": STEPS},
-                         checkpoint={"storage": str(storage), "every_steps": 5, "keep": 4}) | overrides
-
-
-@dataclass(frozen=True)
-class Finished:
-    run_dir: Path
-    output: str
-    adapter: dict  # the final LoRA adapter
-
-
-def finished(storage: Path, name: str, output: str) -> Finished:
-    run_dir = storage / name
-    return Finished(run_dir, output, load_file(run_dir / run_layout.checkpoint_dir_name(STEPS) / "adapter_model.safetensors"))
+    """The reference spec on `strategy`, every checkpoint kept."""
+    return reference_spec(tiny_model, prepared, storage, name, strategy=strategy,
+                          checkpoint={"storage": str(storage), "every_steps": 5, "keep": 4}) | overrides
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +65,21 @@ def validation_loss(model_dir: Path, prepared: Path) -> float:
     return metrics["eval_loss"]
 
 
-@pytest.mark.parametrize("strategy", [{"kind": "ddp"}, {"kind": "deepspeed", "zero_stage": 2}], ids=["ddp", "zero2"])
-def test_fsdp_ddp_and_zero2_train_the_same_steps(tiny_model, prepared, tmp_path, fsdp_lora, strategy, record_property):
+@pytest.fixture
+def ddp_lora(tiny_model, prepared, tmp_path) -> Finished:
+    proc = run("jobs.train", engine_spec(tiny_model, prepared, tmp_path, "ddp", {"kind": "ddp"}))
+    return finished(tmp_path, "ddp", proc.stdout)
+
+
+@pytest.mark.parametrize("other", ["ddp_lora", "zero2_reference"], ids=["ddp", "zero2"])
+def test_fsdp_ddp_and_zero2_train_the_same_steps(fsdp_lora, other, request, record_property):
     """Over the same data and seed every engine computes the same losses and adapter: switching
     engines changes memory and speed, not results."""
-    proc = run("jobs.train", engine_spec(tiny_model, prepared, tmp_path, "other", strategy))
-    other, ours = step_metrics(proc.stdout), step_metrics(fsdp_lora.output)
-    assert sorted(other) == sorted(ours) == list(range(1, STEPS + 1))
-    worst_loss = max(abs(other[s]["loss"] - ours[s]["loss"]) for s in ours)
-    worst_weight = max_difference(finished(tmp_path, "other", proc.stdout).adapter, fsdp_lora.adapter)
+    other = request.getfixturevalue(other)
+    theirs, ours = step_metrics(other.output), step_metrics(fsdp_lora.output)
+    assert sorted(theirs) == sorted(ours) == list(range(1, STEPS + 1))
+    worst_loss = max(abs(theirs[s]["loss"] - ours[s]["loss"]) for s in ours)
+    worst_weight = max_difference(other.adapter, fsdp_lora.adapter)
     record_property("max_loss_difference", worst_loss)
     record_property("max_adapter_difference", worst_weight)
     assert worst_loss < 1e-4 and worst_weight < 1e-4

@@ -8,59 +8,39 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from support.jobs import REFERENCE_STEPS as STEPS
 from support.jobs import (
+    Finished,
+    finished,
     kill_tree,
     latest_registered_step,
     max_difference,
+    reference_spec,
     run,
     run_watching,
     step_metrics,
     train_workers,
-    training_spec,
 )
 
 from jobs.common import run_layout
 
 # Each test trains, kills and resumes real runs (40-110 s each on 2 cores): `make test-slow`.
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-STEPS = 20
-
-
-def resume_spec(tiny_model, prepared, storage, name: str, **overrides) -> dict:
-    return training_spec(tiny_model, prepared, storage, name=name, max_steps=STEPS,
-                         lora={"r": 8, "alpha": 16, "dropout": 0.1}, eval={"every_steps": STEPS},
-                         checkpoint={"storage": str(storage), "every_steps": 5, "keep": 2}, **overrides)
 
 
 def final_adapter(storage, name: str) -> dict:
     return load_file(storage / name / run_layout.checkpoint_dir_name(STEPS) / "adapter_model.safetensors")
 
 
-@dataclass(frozen=True)
-class Reference:
-    storage: Path  # where the run lives, beside the runs of tests that use it
-    adapter: dict  # its final adapter
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model, prepared, tmp_path_factory) -> Reference:
-    """The same run, never interrupted."""
-    storage = tmp_path_factory.mktemp("reference")
-    run("jobs.train", resume_spec(tiny_model, prepared, storage, "reference"))
-    return Reference(storage, final_adapter(storage, "reference"))
-
-
-def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_model, prepared, reference,
+def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_model, prepared, zero2_reference,
                                                                         record_property):
     # The reference's storage holds a finished run of this very spec: under a fresh name, the
     # spec starts from zero all the same.
-    storage = reference.storage
-    spec = resume_spec(tiny_model, prepared, storage, "killed")
+    storage = zero2_reference.run_dir.parent
+    spec = reference_spec(tiny_model, prepared, storage, "killed")
     run_dir = storage / "killed"
 
     def kill_after_step_12(line, proc):
@@ -87,7 +67,7 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
     assert resumed.code == 0, output[-5000:]
     assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2}) after 1 failure(s)" in output
     assert sorted(step_metrics(output)) == list(range(latest + 1, STEPS + 1))
-    assert max_difference(final_adapter(storage, "killed"), reference.adapter) < 1e-5
+    assert max_difference(final_adapter(storage, "killed"), zero2_reference.adapter) < 1e-5
     record_property("resubmit_to_first_new_step_s", round(resumed.first(f'{{"step": {latest + 1},') - resubmitted, 1))
     record_property("steps_redone", 12 - latest)
     # The history beside the checkpoints holds every step once: the steps after the checkpoint
@@ -97,12 +77,12 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
     assert [entry["failures"] for entry in history] == [0] * latest + [1] * (STEPS - latest)
 
 
-def test_a_job_killed_in_its_second_epoch_resumes_exactly(tiny_model, prepared, reference):
+def test_a_job_killed_in_its_second_epoch_resumes_exactly(tiny_model, prepared, zero2_reference):
     """An epoch here is 11 steps (84 rows in steps of 8): the step-15 checkpoint is mid-way through
     the second epoch, whose order differs from the first's; the resumed run reads the rest of that
     same order."""
-    storage = reference.storage
-    spec = resume_spec(tiny_model, prepared, storage, "killed-epoch-2")
+    storage = zero2_reference.run_dir.parent
+    spec = reference_spec(tiny_model, prepared, storage, "killed-epoch-2")
 
     def kill_once_step_15_is_registered(line, proc):
         if '{"step": ' in line and latest_registered_step(storage / "killed-epoch-2") == 15:
@@ -118,16 +98,16 @@ def test_a_job_killed_in_its_second_epoch_resumes_exactly(tiny_model, prepared, 
     resumed = run_watching(spec)
     assert resumed.code == 0, resumed.output[-5000:]
     assert "resumed from step 15 (epoch 1, micro-batch 8) after 1 failure(s)" in resumed.output
-    assert max_difference(final_adapter(storage, "killed-epoch-2"), reference.adapter) < 1e-5
+    assert max_difference(final_adapter(storage, "killed-epoch-2"), zero2_reference.adapter) < 1e-5
 
 
 @pytest.fixture(scope="module")
-def streamed_reference(tiny_model, prepared, tmp_path_factory) -> Reference:
+def streamed_reference(tiny_model, prepared, tmp_path_factory) -> Finished:
     """The same run with its splits streamed from storage, never interrupted: a streamed split is
     shuffled otherwise than a held one (blocks, then a buffer), so it has a reference of its own."""
     storage = tmp_path_factory.mktemp("streamed-reference")
-    run("jobs.train", resume_spec(tiny_model, prepared, storage, "reference"), args=("--in-memory-max-bytes", "0"))
-    return Reference(storage, final_adapter(storage, "reference"))
+    proc = run("jobs.train", reference_spec(tiny_model, prepared, storage, "reference"), args=("--in-memory-max-bytes", "0"))
+    return finished(storage, "reference", proc.stdout)
 
 
 # Streamed from storage, the splits are read again by every epoch, evaluation and restarted worker
@@ -136,8 +116,8 @@ def streamed_reference(tiny_model, prepared, tmp_path_factory) -> Reference:
 @pytest.mark.parametrize("splits", ["held in memory", "streamed"])
 def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepared, tmp_path, request,
                                                               record_property, splits):
-    reference = request.getfixturevalue("streamed_reference" if splits == "streamed" else "reference")
-    spec = resume_spec(tiny_model, prepared, tmp_path, "worker-killed", max_failures=1)
+    reference = request.getfixturevalue("streamed_reference" if splits == "streamed" else "zero2_reference")
+    spec = reference_spec(tiny_model, prepared, tmp_path, "worker-killed", max_failures=1)
     args = ("--in-memory-max-bytes", "0") if splits == "streamed" else ()
     killed_at: list[int] = []
     killed: list[float] = []
@@ -170,7 +150,7 @@ def test_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_model, prepa
 
 def test_a_killed_worker_with_no_failures_left_fails_the_job_with_the_reason(tiny_model, prepared, tmp_path,
                                                                             record_property):
-    spec = resume_spec(tiny_model, prepared, tmp_path, "no-retries", max_failures=0)
+    spec = reference_spec(tiny_model, prepared, tmp_path, "no-retries", max_failures=0)
     killed: list[float] = []
 
     def kill_a_worker_at_step_3(line, proc):
@@ -189,7 +169,7 @@ def test_a_killed_worker_with_no_failures_left_fails_the_job_with_the_reason(tin
 
 
 def test_an_object_store_failing_mid_checkpoint_fails_clearly_and_resume_skips_the_partial(
-        tiny_model, prepared, tmp_path, reference, s3_server, monkeypatch, record_property):
+        tiny_model, prepared, tmp_path, zero2_reference, s3_server, monkeypatch, record_property):
     import boto3
     from safetensors.torch import load as load_safetensors
     from support.faults import FaultyS3
@@ -200,7 +180,7 @@ def test_an_object_store_failing_mid_checkpoint_fails_clearly_and_resume_skips_t
     s3.create_bucket(Bucket="ckpt")
     # No retries: each would resume from the same registered checkpoint and be refused at the same
     # upload (with the default 2, the job ends 2 minutes later with the same error).
-    spec = resume_spec(tiny_model, prepared, tmp_path, "s3-fault", max_failures=0)
+    spec = reference_spec(tiny_model, prepared, tmp_path, "s3-fault", max_failures=0)
     spec["checkpoint"] |= {"storage": "s3://ckpt/runs"}
     run_prefix = "runs/s3-fault/"
 
@@ -247,7 +227,7 @@ def test_an_object_store_failing_mid_checkpoint_fails_clearly_and_resume_skips_t
     assert f"resumed from step {latest} (epoch 0, micro-batch {latest * 2}) after 1 failure(s)" in resumed.output
     final = s3.get_object(Bucket="ckpt", Key=f"{run_prefix}{run_layout.checkpoint_dir_name(STEPS)}/adapter_model.safetensors")
     final = final["Body"].read()
-    assert max_difference(load_safetensors(final), reference.adapter) < 1e-5
+    assert max_difference(load_safetensors(final), zero2_reference.adapter) < 1e-5
     proxy.close()
     record_property("first_refusal_to_exit_s", round(watched.ended - proxy.refused[0][0], 1))
     record_property("resubmit_to_first_new_step_s", round(resumed.first(f'{{"step": {latest + 1},') - resubmitted, 1))

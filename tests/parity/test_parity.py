@@ -3,9 +3,10 @@ two datasets with clearly different reply styles, once by raysft (prepare + trai
 them) and once by TRL's `SFTTrainer` (TRL is a test dependency only). Same model, data, masking
 (assistant replies only), LoRA settings, learning-rate schedule, epochs and tokens per step. Each
 held-out set's assistant-token loss is measured by the same code for both. Data order alone moves
-these losses by several percent on data this small, so each system runs with three seeds: on
-every held-out set raysft's mean loss must be at most TRL's mean + 3%, and its worst seed no worse
-than TRL's worst. `make test-parity` (needs `make real-model`)."""
+these losses by several percent on data this small, so each system runs with two seeds (three
+measured the same margins, docs/benchmarks.md; two keep CI within its time): on every held-out set
+raysft's mean loss must be at most TRL's mean + 3%, and its worst seed no worse than TRL's worst.
+`make test-parity` (needs `make real-model`)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from support.conversations import sentences
 from support.jobs import run
 
 pytestmark = [pytest.mark.integration, pytest.mark.parity]
-SEEDS = (1, 2, 3)
+SEEDS = (1, 2)
 STYLES = {  # two reply styles a model can only learn from its own dataset
     "pirate": ("Tell me about this: {q}", "Arr, matey! {a} Yo ho ho!"),
     "formal": ("Please summarise: {q}", "Dear reader, {a} Kind regards, the assistant."),
@@ -164,7 +165,7 @@ def train_trl(real_model: Path, data: Path, batch: int, seed: int, out: Path) ->
     return out / "adapter"
 
 
-@pytest.mark.timeout(3000)  # six fine-tunes of a 135M model on two cores: about 15 minutes
+@pytest.mark.timeout(3000)  # four fine-tunes of a 135M model on two cores: about 10 minutes
 def test_raysft_learns_a_two_dataset_mixture_as_well_as_trl(real_model, data, prepared, tmp_path, record_property):
     batch = conversations_per_step(prepared)
     results: dict[str, list[dict[str, float]]] = {"raysft": [], "trl": []}

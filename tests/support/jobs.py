@@ -131,6 +131,35 @@ def training_spec(tiny_model, prepared, storage, **overrides) -> dict:
     return spec | overrides
 
 
+REFERENCE_STEPS = 20
+
+
+def reference_spec(tiny_model, prepared, storage, name: str, **overrides) -> dict:
+    """20 LoRA steps with dropout on (so the random streams matter), two epochs of 11 steps,
+    checkpoints every 5: the run the resume and engine tests kill, resume and compare."""
+    return training_spec(tiny_model, prepared, storage, name=name, max_steps=REFERENCE_STEPS,
+                         lora={"r": 8, "alpha": 16, "dropout": 0.1}, eval={"every_steps": REFERENCE_STEPS},
+                         checkpoint={"storage": str(storage), "every_steps": 5, "keep": 2}) | overrides
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished reference run: where it lives, what it printed, its final LoRA adapter."""
+
+    run_dir: Path
+    output: str
+    adapter: dict
+
+
+def finished(storage: Path, name: str, output: str) -> Finished:
+    from safetensors.torch import load_file
+
+    from jobs.common import run_layout
+
+    final = storage / name / run_layout.checkpoint_dir_name(REFERENCE_STEPS) / "adapter_model.safetensors"
+    return Finished(storage / name, output, load_file(final))
+
+
 def stub_manifest(tokenizer_sha256: str, status: str = "succeeded", train_rows: int = 8) -> Manifest:
     """A complete manifest of a small prepared dataset, for tests of its readers."""
     splits = {"train": train_rows, "val": 0}

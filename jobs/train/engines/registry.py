@@ -1,20 +1,29 @@
-"""Which engine trains a spec: `strategy.kind` to its `Engine`, in one place."""
+"""Which engine trains a spec: `strategy.kind` to its `Engine`, in one place.
+
+Each engine's module is imported only when a spec picks it: FSDP's stack (DTensor,
+torch.distributed.checkpoint) takes seconds to import, and every worker of a DDP or DeepSpeed run
+would otherwise pay for it at start."""
 
 from __future__ import annotations
 
 import torch
 
 from jobs.train.engines.base import Engine
-from jobs.train.engines.ddp import DdpEngine
-from jobs.train.engines.deepspeed import DeepSpeedEngine
-from jobs.train.engines.fsdp import FsdpEngine
 from jobs.train.spec import TrainingSpec
-
-ENGINES: dict[str, type[Engine]] = {"ddp": DdpEngine, "deepspeed": DeepSpeedEngine, "fsdp": FsdpEngine}
 
 
 def engine_class(spec: TrainingSpec) -> type[Engine]:
-    return ENGINES[spec.strategy.kind]
+    match spec.strategy.kind:
+        case "ddp":
+            from jobs.train.engines.ddp import DdpEngine
+            return DdpEngine
+        case "deepspeed":
+            from jobs.train.engines.deepspeed import DeepSpeedEngine
+            return DeepSpeedEngine
+        case "fsdp":
+            from jobs.train.engines.fsdp import FsdpEngine
+            return FsdpEngine
+    raise AssertionError(f"no engine for strategy {spec.strategy.kind!r}")  # the spec's Literal admits no other
 
 
 def weights_dtype(spec: TrainingSpec) -> torch.dtype:
