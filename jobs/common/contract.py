@@ -115,6 +115,9 @@ class Manifest(_Part):
     # What `jobs.prepare.cache` reuses this output by: the spec, the input files and the tokenizer
     # it was prepared from. None in manifests written before the cache, which are never reused.
     cache_key: str | None = None
+    # By split, the sources its rows came from and their share (`DatasetSpec.split_origins`).
+    # Empty in manifests written before sources could be a split of their own.
+    split_origins: dict[str, list[str]] = {}
 
     @property
     def succeeded(self) -> bool:

@@ -112,6 +112,7 @@ def build(spec: DatasetSpec, inputs: Inputs, rows_read: int, skipped: dict[int, 
         created_at=created_at(),
         examples=list(examples),
         cache_key=cache_key,
+        split_origins=spec.split_origins(),
     )
 
 
@@ -143,6 +144,7 @@ def data_card(spec: DatasetSpec, manifest: Manifest) -> str:
     examples = [mark_trained(segments) for segments in m.examples]
     rejected = "\n".join(f"| {r} | {n} |" for r, n in sorted(c.rejected.items(), key=lambda x: -x[1])) or "| – | 0 |"
     shown = "\n\n".join(f"### Example {i + 1}\n\n```text\n{e}\n```" for i, e in enumerate(examples))
+    origins = "\n".join(f"| {split} | {'; '.join(sources) or 'none'} |" for split, sources in m.split_origins.items())
     return f"""# Dataset card: {m.name}
 
 Prepared {m.created_at} by raysft {m.library_versions['raysft']}.
@@ -160,6 +162,10 @@ generation stops at {", ".join(f"`{t}`" for t in m.template.stop_tokens)}.
 | duplicates | {c.duplicates} |
 | truncated | {c.truncated} |
 | samples written (train / val) | {c.samples['train']} / {c.samples['val']} |
+
+| split | from |
+|---|---|
+{origins}
 
 | reject reason | rows |
 |---|---|
@@ -191,6 +197,7 @@ def summary(manifest: Manifest) -> str:
         lines.append(f"  reject reasons: {top_reasons(Counter(c.rejected), 10)}")
     lines += [
         f"  samples: train {c.samples['train']}, val {c.samples['val']}",
+        *(f"  {split} from {'; '.join(sources) or 'none'}" for split, sources in m.split_origins.items()),
         f"  tokens: {t.all} all, {t.trainable} trainable; sample length {m.sample_length}",
         f"  packing {p.mode}@{p.max_seq_length}: rows train {p.rows['train']}, val {p.rows['val']}, "
         f"efficiency {p.efficiency:.2%}",

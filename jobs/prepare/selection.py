@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from jobs.common.contract import IGNORE_INDEX, SPLITS
 from jobs.prepare.filters import unit_interval
-from jobs.prepare.spec import DatasetSpec
+from jobs.prepare.spec import DatasetSpec, SourceSplit
 from jobs.prepare.stages import OK, ROW_BITS
 
 
@@ -107,6 +107,7 @@ def decide(batch: pa.Table, spec: DatasetSpec, limits: np.ndarray | None, losers
         duplicate = loser_orders[at] == rows.column("order").to_numpy()
         loser_details = losers.column("detail")
     split, copies = np.zeros(rows.num_rows, np.int8), np.zeros(rows.num_rows, np.int16)
+    rules = spec.split_rules()
     for i, (src, key) in enumerate(zip(rows.column("source").to_pylist(), rows.column("key").to_pylist(), strict=True)):
         if reasons[i] != OK:
             continue
@@ -119,7 +120,8 @@ def decide(batch: pa.Table, spec: DatasetSpec, limits: np.ndarray | None, losers
             reasons[i], details[i] = "downsampled", f"weight {weight}"
             continue
         # Split by conversation, so copies of a row never straddle train and val.
-        split[i] = unit_interval(spec.seed, "split", key) < spec.val_ratio
+        split[i] = rules[src] is SourceSplit.VAL or (
+            rules[src] is SourceSplit.AUTO and unit_interval(spec.seed, "split", key) < spec.val_ratio)
     return rows.drop_columns(["reason", "detail"]).append_column(
         "reason", pa.array(reasons, pa.string())).append_column(
         "detail", pa.array(details, pa.string())).append_column(

@@ -73,6 +73,14 @@ class Dedup(StrEnum):
     EXACT = "exact"  # hash of the normalised conversation (case and whitespace folded)
 
 
+class SourceSplit(StrEnum):
+    """Which split a source's rows go to."""
+
+    AUTO = "auto"  # the val_ratio share by hash, or train beside a `val` source
+    TRAIN = "train"
+    VAL = "val"
+
+
 class FieldMap(SpecModel):
     """Renames: the key in your rows that holds each canonical field. Unset means the format's default."""
 
@@ -102,6 +110,19 @@ class Source(SpecModel):
     max_samples: int | None = Field(
         None, ge=1, description="Read at most this many rows from the source (in file order)."
     )
+    split: SourceSplit = Field(
+        SourceSplit.AUTO,
+        description="`train` or `val`: every row of the source goes to that split (a separate validation file "
+        "is `split: val`). `auto`: the `val_ratio` share by hash goes to val, or every row to train when another "
+        "source is `split: val`.",
+    )
+
+    @model_validator(mode="after")
+    def _val_is_held_out_whole(self) -> Source:
+        if self.split is SourceSplit.VAL and self.weight != 1.0:
+            raise ValueError(f"a `split: val` source is held out whole, and weight samples training rows only: "
+                             f"remove weight {self.weight} from {self.uri}")
+        return self
 
     @model_validator(mode="after")
     def _prompt_response_needs_fields(self) -> Source:
@@ -170,7 +191,8 @@ class DatasetSpec(SpecModel):
     packing: Packing = Field(Packing.BFD, description="How samples are laid into rows.")
     filters: Filters = Field(default_factory=Filters, description="Row filters.")
     dedup: Dedup = Field(Dedup.EXACT, description="De-duplication mode.")
-    val_ratio: float = Field(0.05, ge=0, lt=1, description="Share of conversations in `val/` (hash-based).")
+    val_ratio: float = Field(0.05, ge=0, lt=1, description="Share of each `split: auto` source's conversations in "
+                             "`val/` (hash-based); unused when a source is `split: val`.")
     seed: int = Field(42, description="Seed of the split and of fractional sampling weights.")
     max_reject_ratio: float = Field(
         0.05,
@@ -192,6 +214,30 @@ class DatasetSpec(SpecModel):
             names = " | ".join(t.value for t in TemplateName)
             raise ValueError(f"unknown template {v!r}: use one of {names}, or a Jinja string")
         return v
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> DatasetSpec:
+        if all(source.split is SourceSplit.VAL for source in self.sources):
+            raise ValueError("every source is `split: val`: give the training data as another source "
+                             "(split: train, or auto)")
+        return self
+
+    def split_rules(self) -> list[SourceSplit]:
+        """Each source's split as applied: `train`, `val`, or `auto` for the `val_ratio` share by hash."""
+        separate_val = any(source.split is SourceSplit.VAL for source in self.sources)
+        return [SourceSplit.TRAIN if source.split is SourceSplit.AUTO and (separate_val or not self.val_ratio)
+                else source.split for source in self.sources]
+
+    def split_origins(self) -> dict[str, list[str]]:
+        """Where each split's rows come from, as the manifest and the data card say it."""
+        out: dict[str, list[str]] = {"train": [], "val": []}
+        for source, rule in zip(self.sources, self.split_rules(), strict=True):
+            if rule is SourceSplit.AUTO:
+                out["train"].append(f"{source.uri} ({1 - self.val_ratio:.0%} by hash, seed {self.seed})")
+                out["val"].append(f"{source.uri} ({self.val_ratio:.0%} by hash, seed {self.seed})")
+            else:
+                out[rule.value].append(f"{source.uri} (all)")
+        return out
 
     @property
     def template_is_custom(self) -> bool:

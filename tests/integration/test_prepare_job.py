@@ -250,3 +250,26 @@ def test_example_configs_run(ray_cluster, example_spec, tmp_path, name):
     if spec.packing.value == "none":
         assert all(len(lens) == 1 for lens in train["seq_lens"].to_pylist())
         assert c["truncated"] > 0  # 256 tokens cut some long multi-turn chats
+
+
+def test_a_separate_validation_file_is_the_val_split_whole(tiny_model, tmp_path):
+    """`split: val` makes a source the validation set as a whole; the `auto` source beside it
+    trains whole (no hash share is held out), and the manifest and data card say so."""
+    lines = (REPO / "configs/data/messages.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "train.jsonl").write_text("".join(lines[:60]))
+    (tmp_path / "validation.jsonl").write_text("".join(lines[60:]))
+    spec = load_spec({"name": "with-val", "tokenizer": str(tiny_model), "output": str(tmp_path / "out"),
+                      "sources": [{"uri": str(tmp_path / "train.jsonl")},
+                                  {"uri": str(tmp_path / "validation.jsonl"), "split": "val"}],
+                      "packing": "none", "val_ratio": 0.2})
+    manifest = prepare(spec)
+    assert manifest.succeeded and manifest.counts.rejected_total == 0, manifest.counts
+    assert manifest.counts.samples == {"train": 60, "val": len(lines) - 60}
+    val_firsts = {json.loads(line)["messages"][0]["content"] for line in lines[60:]}
+    tokenizer = tokenizer_files.load(tokenizer_files.fetch(str(tiny_model)))
+    decoded = [tokenizer.decode(ids) for ids in read_split(tmp_path / "out", "val")["input_ids"].to_pylist()]
+    assert all(any(first in text for first in val_firsts) for text in decoded)  # every val row is the file's
+    assert manifest.split_origins == {"train": [f"{tmp_path / 'train.jsonl'} (all)"],
+                                      "val": [f"{tmp_path / 'validation.jsonl'} (all)"]}
+    card = (tmp_path / "out/DATA_CARD.md").read_text()
+    assert f"| val | {tmp_path / 'validation.jsonl'} (all) |" in card

@@ -126,3 +126,16 @@ def test_hugging_face_ids_name_tokenizers_only():
     assert hf_id("hf://Qwen/Qwen2.5-0.5B@v1") == ("Qwen/Qwen2.5-0.5B", "v1")
     assert hf_id("Qwen/Qwen2.5-0.5B") == ("Qwen/Qwen2.5-0.5B", None)  # no such local path here
     assert hf_id("configs/data") is None and hf_id("s3://b/m") is None and hf_id(".cache/models/x") is None
+
+
+def test_source_splits_are_checked_and_described():
+    base = {"name": "t", "tokenizer": "tok", "output": "out", "val_ratio": 0.1}
+    with pytest.raises(SpecError, match="remove weight 2.0 from val.jsonl"):
+        load_spec(base | {"sources": [{"uri": "a.jsonl"}, {"uri": "val.jsonl", "split": "val", "weight": 2.0}]})
+    with pytest.raises(SpecError, match="every source is `split: val`: give the training data as another source"):
+        load_spec(base | {"sources": [{"uri": "val.jsonl", "split": "val"}]})
+    with pytest.raises(SpecError, match="sources.0.split"):
+        load_spec(base | {"sources": [{"uri": "a.jsonl", "split": "test"}]})
+    spec = load_spec(base | {"sources": [{"uri": "a.jsonl"}, {"uri": "b.jsonl", "split": "train"}]})
+    assert spec.split_origins() == {"train": ["a.jsonl (90% by hash, seed 42)", "b.jsonl (all)"],
+                                    "val": ["a.jsonl (10% by hash, seed 42)"]}

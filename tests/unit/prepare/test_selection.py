@@ -152,3 +152,23 @@ def test_length_percentiles_from_the_histogram_equal_numpys():
     assert percentiles(np.bincount(lengths, minlength=512)) == {
         **{f"p{q}": int(np.percentile(lengths, q, method="nearest")) for q in (50, 90, 99)},
         "min": int(lengths.min()), "max": int(lengths.max())}
+
+
+def test_a_source_can_be_a_split_of_its_own():
+    """`split: val` holds a source out whole; an `auto` source beside it trains whole; `train`
+    never gives val a row, while `auto` (with no `val` source) gives it the val_ratio share."""
+    table = rows_table([(0, 0, i, hexkey(i), "") for i in range(300)] +
+                       [(1, 1, i, hexkey(1000 + i), "") for i in range(50)])
+
+    def splits(*sources, val_ratio=0.2):
+        s = load_spec({"name": "t", "tokenizer": "tok", "output": "out", "val_ratio": val_ratio,
+                       "sources": [{"uri": f"{n}.jsonl", **options} for n, options in zip("ab", sources, strict=True)]})
+        decided, _ = run(s, table)
+        return {src: sorted(set(split for sr, split in zip(decided.column("source").to_pylist(),
+                                                            decided.column("split").to_pylist(), strict=True)
+                                if sr == src)) for src in (0, 1)}
+
+    assert splits({}, {"split": "val"}) == {0: [0], 1: [1]}
+    assert splits({"split": "train"}, {"split": "val"}) == {0: [0], 1: [1]}
+    assert splits({"split": "train"}, {}) == {0: [0], 1: [0, 1]}
+    assert splits({}, {}, val_ratio=0) == {0: [0], 1: [0]}
