@@ -245,7 +245,8 @@ def result_summary(job: dict) -> str:
     if job["progress"].get("reused"):
         lines.append("dataset reused: already prepared from the same spec, inputs and tokenizer (--force prepares again)")
     metrics = job.get("metrics") or {}
-    shown = {k: round(metrics[k], 4) for k in ("step", "loss", "eval_loss", "perplexity", "token_accuracy") if k in metrics}
+    shown = {k: round(metrics[k], 4) for k in ("step", "loss", "eval_loss", "perplexity", "token_accuracy", "sequence_accuracy")
+             if k in metrics}
     if shown:
         lines.append("final metrics: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
     for name, uri in job.get("artifacts", {}).items():
@@ -344,7 +345,8 @@ def revoke_key(key_id: Annotated[str, typer.Argument(help="The key's id, as `ray
 
 
 METRIC_COLUMNS = {"step": "step", "loss": "loss", "lr": "lr", "grad_norm": "grad norm", "eval_loss": "eval loss",
-                  "perplexity": "perplexity", "token_accuracy": "token acc", "tokens_per_s": "tokens/s"}
+                  "perplexity": "perplexity", "token_accuracy": "token acc", "sequence_accuracy": "seq acc",
+                  "tokens_per_s": "tokens/s"}
 
 
 def metrics_table(history: list[dict]) -> str:

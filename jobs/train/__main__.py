@@ -28,7 +28,8 @@ def report(result, spec: TrainingSpec) -> str:
     metrics, run = result.metrics or {}, storage.absolute(spec.run_uri)
     lines = [f"training finished: step {metrics.get('step', '-')}, loss {metrics.get('loss', math.nan):.4f}, "
              f"eval_loss {metrics.get('eval_loss', math.nan):.4f}, perplexity {metrics.get('perplexity', math.nan):.2f}, "
-             f"token_accuracy {metrics.get('token_accuracy', math.nan):.3f}",
+             f"token_accuracy {metrics.get('token_accuracy', math.nan):.3f}, "
+             f"sequence_accuracy {metrics.get('sequence_accuracy', math.nan):.3f}",
              f"checkpoint: {result.checkpoint.path if result.checkpoint else None}",
              f"metrics:    {run_layout.metrics_uri(run)}",
              f"export:     {run_layout.export_uri(run)}"]

@@ -1,4 +1,4 @@
-"""Evaluation inside the training loop: validation loss, perplexity, token accuracy, and answers
+"""Evaluation inside the training loop: validation loss, perplexity, token and sequence accuracy, and answers
 to the spec's prompts, rendered with the chat template the model is trained (and served) with."""
 
 from __future__ import annotations
@@ -7,30 +7,53 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from jobs.common.contract import IGNORE_INDEX
 from jobs.train.packed_batch import model_inputs, token_loss_sum
 from jobs.train.spec import TrainingSpec
 
 
+def exact_replies(predicted: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """How many replies the greedy next-token predictions get entirely right, and how many
+    replies there are. A reply is a maximal run of trained positions in a row: a reply and its
+    end of turn (a packed row's samples are apart, each one's first token untrained)."""
+    trained = labels[:, 1:] != IGNORE_INDEX
+    wrong = (predicted != labels[:, 1:]) & trained
+    # An untrained column before each row, so no run continues from one row into the next.
+    trained, wrong = F.pad(trained, (1, 0)).flatten(), F.pad(wrong, (1, 0)).flatten()
+    starts = trained & ~torch.roll(trained, 1)
+    replies = int(starts.sum())
+    if replies == 0:
+        return 0, 0
+    run = torch.cumsum(starts, 0) - 1
+    wrong_runs = torch.zeros(replies, dtype=torch.bool, device=labels.device)
+    wrong_runs[run[wrong]] = True
+    return replies - int(wrong_runs.sum()), replies
+
+
 def evaluate(engine, batches, reduce_sum) -> dict[str, float]:
-    """Token-weighted loss, perplexity and next-token accuracy over this worker's collated
-    validation batches, summed over workers by `reduce_sum`."""
+    """Token-weighted loss, perplexity, next-token accuracy and sequence accuracy (replies whose
+    every token the model predicts) over this worker's collated validation batches, summed over
+    workers by `reduce_sum`."""
     engine.module.eval()
-    loss_sum = correct = count = 0.0
+    loss_sum = correct = count = exact = replies = 0.0
     with torch.no_grad():
         for b in batches:
             logits = engine.forward(**model_inputs(b)).logits
             s, n = token_loss_sum(logits, b["labels"])
             trained = b["labels"][:, 1:] != IGNORE_INDEX
-            correct += float((logits[:, :-1].argmax(-1)[trained] == b["labels"][:, 1:][trained]).sum())
-            loss_sum, count = loss_sum + float(s), count + n
+            predicted = logits[:, :-1].argmax(-1)
+            correct += float((predicted[trained] == b["labels"][:, 1:][trained]).sum())
+            right, total = exact_replies(predicted, b["labels"])
+            loss_sum, count, exact, replies = loss_sum + float(s), count + n, exact + right, replies + total
     engine.module.train()
-    loss_sum, correct, count = (reduce_sum(x) for x in (loss_sum, correct, count))
+    loss_sum, correct, count, exact, replies = (reduce_sum(x) for x in (loss_sum, correct, count, exact, replies))
     if count == 0:
         return {}
     eval_loss = loss_sum / count
-    return {"eval_loss": eval_loss, "perplexity": float(np.exp(min(eval_loss, 50))), "token_accuracy": correct / count}
+    return {"eval_loss": eval_loss, "perplexity": float(np.exp(min(eval_loss, 50))), "token_accuracy": correct / count,
+            "sequence_accuracy": exact / replies}
 
 
 def generate_answers(engine, tokenizer: Any, spec: TrainingSpec, stop_ids: list[int], seed: int,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -335,7 +336,7 @@ def train_loop(config: dict[str, LoopConfig]) -> None:
                 clock = time.perf_counter()
                 continue
             metrics = {"step": n, "total_steps": total_steps, "epoch": position.epoch,
-                       "failures": position.failures} | window.metrics(engine.lr()) | worker_memory(engine)
+                       "failures": position.failures} | window.metrics(engine.lr()) | worker_accelerators(engine)
             if save or answer:  # checkpoints are ranked by eval loss, so each one is evaluated
                 metrics |= evaluate(engine, validation_batches(val_shard, loop, pad_id, rank, world, device), all_reduce_sum)
             if answer and spec.eval.prompts:
@@ -425,14 +426,28 @@ class LogWindow:
                 "samples_per_s": samples / seconds}
 
 
-def worker_memory(engine: Engine) -> dict[str, float]:
-    """Peak accelerator memory since the last report, the largest over workers (none on CPU)."""
-    peak = engine.memory()
-    if not peak or not dist.is_initialized():
-        return peak
-    values = torch.tensor(list(peak.values()), dtype=torch.float64, device=reduce_device())
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return dict(zip(peak, values.tolist(), strict=True))
+GPU_STATS = ("gpu_peak_allocated_gib", "gpu_peak_reserved_gib", "gpu_utilization_pct")
+
+
+def worker_accelerators(engine: Engine) -> dict[str, Any]:
+    """Every worker's peak accelerator memory since the last report and its utilization (nothing
+    on CPU): each worker's under `gpu_workers` (by rank), the largest at the top, the figure that
+    runs out first."""
+    mine = engine.accelerator()
+    if not mine:
+        return {}
+    workers = [mine]
+    if dist.is_initialized():
+        values = torch.tensor([mine.get(key, math.nan) for key in GPU_STATS], dtype=torch.float64, device=reduce_device())
+        gathered = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, values)
+        workers = [{key: v for key, v in zip(GPU_STATS, g.tolist(), strict=True) if not math.isnan(v)} for g in gathered]
+    return merged_accelerators(workers)
+
+
+def merged_accelerators(workers: list[dict[str, float]]) -> dict[str, Any]:
+    top = {key: max(w[key] for w in workers if key in w) for key in GPU_STATS if any(key in w for w in workers)}
+    return top | {"gpu_workers": workers}
 
 
 def upload_mode(spec: TrainingSpec, final: bool = False):

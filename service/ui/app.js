@@ -204,8 +204,16 @@ function trainingFigures(job, history) {
     figure("loss", formatNumber(last.loss)),
     figure("eval loss", formatNumber(evals.at(-1)?.eval_loss)),
     figure("perplexity", formatNumber(evals.at(-1)?.perplexity)),
+    figure("sequence accuracy", formatNumber(evals.at(-1)?.sequence_accuracy)),
     figure("tokens/s", formatNumber(p.tokens_per_s, 5)),
     figure("ETA", isActive(job) ? formatSeconds(p.eta_s) : "–"),
+    // Reported by GPU workers only: on CPU there is no such figure, so none is shown.
+    ...(last.gpu_peak_allocated_gib === undefined ? [] : [
+      figure("GPU memory peak", `${formatNumber(last.gpu_peak_allocated_gib, 3)} GiB`),
+      ...(last.gpu_workers || []).map((w, rank) => figure(`worker ${rank} GPU`,
+        `${formatNumber(w.gpu_peak_reserved_gib, 3)} GiB reserved` +
+        (w.gpu_utilization_pct === undefined ? "" : `, ${formatNumber(w.gpu_utilization_pct, 3)}% busy`))),
+    ]),
   ];
 }
 

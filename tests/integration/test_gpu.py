@@ -104,3 +104,5 @@ def test_every_engine_trains_in_bf16_on_gpu_and_reports_its_memory(tiny_model, p
     steps = step_metrics(run("jobs.train", spec).stdout)
     assert steps[10]["loss"] < steps[1]["loss"]
     assert steps[10]["gpu_peak_allocated_gib"] > 0 and steps[10]["gpu_peak_reserved_gib"] >= steps[10]["gpu_peak_allocated_gib"]
+    [worker] = steps[10]["gpu_workers"]  # one worker: its figures are the run's
+    assert worker["gpu_peak_allocated_gib"] == steps[10]["gpu_peak_allocated_gib"]

@@ -135,6 +135,8 @@ def test_a_pipeline_is_watched_trained_cancelled_and_compared(visit, service, ke
     assert points(page, "chart-loss") > first and points(page, "chart-lr") > 0
     expect(page.locator("#answers td.answer").first).to_be_visible(timeout=60_000)
     assert points(page, "chart-eval") >= 1 and points(page, "chart-perplexity") >= 1
+    figures = page.locator(".figure .label").all_inner_texts()
+    assert "sequence accuracy" in figures and "GPU memory peak" not in figures  # CPU workers report no GPU figure
     assert page.locator("#answers td").nth(1).inner_text() == "How long should I rest a steak?"
     expect(page.locator("#log")).to_contain_text("step")
 

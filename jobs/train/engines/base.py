@@ -53,16 +53,21 @@ class Engine(Protocol):
 
     def load(self, directory: Path) -> None: ...
 
-    def memory(self) -> dict[str, float]:
-        """This worker's peak accelerator memory since the last call, in GiB; nothing on CPU
-        (there is no such figure, and 0 would read as one)."""
+    def accelerator(self) -> dict[str, float]:
+        """This worker's peak accelerator memory since the last call, in GiB, and the GPU's
+        utilization (%) where NVML reports it; nothing on CPU (there is no such figure, and 0
+        would read as one)."""
         if not torch.cuda.is_available():
             return {}
         gib = 1024**3
-        peak = {"gpu_peak_allocated_gib": torch.cuda.max_memory_allocated() / gib,
-                "gpu_peak_reserved_gib": torch.cuda.max_memory_reserved() / gib}
+        stats = {"gpu_peak_allocated_gib": torch.cuda.max_memory_allocated() / gib,
+                 "gpu_peak_reserved_gib": torch.cuda.max_memory_reserved() / gib}
         torch.cuda.reset_peak_memory_stats()
-        return peak
+        try:
+            stats["gpu_utilization_pct"] = float(torch.cuda.utilization())
+        except (ModuleNotFoundError, RuntimeError):  # no NVML bindings, or NVML not on this node
+            pass
+        return stats
 
 
 def lr_lambda(spec: TrainingSpec, total_steps: int) -> Callable[[int], float]:

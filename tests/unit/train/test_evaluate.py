@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from jobs.common.contract import IGNORE_INDEX
-from jobs.train.evaluate import evaluate, generate_answers
+from jobs.train.evaluate import evaluate, exact_replies, generate_answers
 from jobs.train.packed_batch import collate
 from jobs.train.spec import load_training_spec
 
@@ -105,3 +105,24 @@ def test_every_validation_row_is_evaluated_once_whatever_the_number_of_workers(r
     assert sorted(scored) == [i + 1 for i in range(rows)]
     # Sharded parameters need every rank in every forward pass: each rank runs as many.
     assert len({len(batches) for batches in per_rank}) == 1
+
+
+def test_sequence_accuracy_counts_replies_right_in_every_token():
+    """A reply is a run of trained positions; packed samples and rows never join into one."""
+    I = IGNORE_INDEX
+    # Two rows; the first packs two samples (a reply each), the second has two replies in one sample.
+    labels = torch.tensor([[I, I, 5, 6, I, I, 7, 8],
+                           [I, 3, 4, I, I, 9, I, I]])
+    predicted = torch.tensor([[0, 5, 6, 0, 0, 7, 0],   # the next tokens: first reply right, second wrong at 8
+                              [3, 4, 0, 0, 9, 0, 0]])  # both right
+    assert exact_replies(predicted, labels) == (3, 4)
+    # A run reaching a row's end does not continue into the next row's first run.
+    labels = torch.tensor([[I, 1, 2], [I, 3, 4]])
+    assert exact_replies(torch.tensor([[1, 2], [3, 0]]), labels) == (1, 2)
+    assert exact_replies(torch.zeros(1, 2, dtype=torch.long), torch.full((1, 3), I)) == (0, 0)
+
+
+def test_evaluate_reports_sequence_accuracy(engine):
+    rows = [packed_row([5, 9, 12, 40, 41, 42], trained_from=3), packed_row([7, 8, 30, 31], trained_from=1)]
+    metrics = evaluate(engine, [collate(rows, pad_id=0)], reduce_sum=lambda x: x)
+    assert 0.0 <= metrics["sequence_accuracy"] <= metrics["token_accuracy"] <= 1.0

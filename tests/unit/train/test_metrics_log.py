@@ -20,3 +20,12 @@ def test_metrics_history_drops_the_steps_a_resumed_run_repeats(tmp_path):
     resumed.add({"step": 5, "loss": 0.2}, important=True)
     steps = [json.loads(line)["step"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_gpu_figures_are_each_workers_with_the_largest_on_top():
+    from jobs.train.loop import merged_accelerators
+
+    workers = [{"gpu_peak_allocated_gib": 10.0, "gpu_peak_reserved_gib": 12.0, "gpu_utilization_pct": 90.0},
+               {"gpu_peak_allocated_gib": 11.0, "gpu_peak_reserved_gib": 11.5}]  # no NVML on this node
+    assert merged_accelerators(workers) == {"gpu_peak_allocated_gib": 11.0, "gpu_peak_reserved_gib": 12.0,
+                                            "gpu_utilization_pct": 90.0, "gpu_workers": workers}
