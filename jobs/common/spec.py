@@ -17,7 +17,9 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 REMOTE_SCHEMES = ("s3://", "gs://")
-MODEL_SCHEME = "hf://"  # models and tokenizers only: jobs.common.model_source
+MODEL_SCHEME = "hf://"  # models and tokenizers: jobs.common.model_source
+DATASET_SCHEME = "hf://datasets/"  # dataset sources: jobs.prepare.hub
+HUB_FORMS = {MODEL_SCHEME: "hf://org/name[@revision]", DATASET_SCHEME: "hf://datasets/org/name[@revision]"}
 
 
 class SpecError(ValueError):
@@ -42,7 +44,7 @@ def check_uri(uri: str, schemes: tuple[str, ...] = REMOTE_SCHEMES) -> str:
     if not uri.strip():
         raise ValueError("must not be empty")
     if "://" in uri and not uri.startswith(schemes):
-        hint = ", or hf://org/name[@revision]" if MODEL_SCHEME in schemes else ""
+        hint = "".join(f", or {HUB_FORMS[scheme]}" for scheme in schemes if scheme in HUB_FORMS)
         raise ValueError(f"unsupported URI {uri!r}: use a local path, s3://bucket/key or gs://bucket/key{hint}")
     return uri
 
@@ -52,8 +54,15 @@ def check_model_uri(uri: str) -> str:
     return check_uri(uri, (*REMOTE_SCHEMES, MODEL_SCHEME))
 
 
+def check_source_uri(uri: str) -> str:
+    """Where a dataset source is: a data location, or a dataset on the Hugging Face Hub (`jobs.prepare.hub`)."""
+    return check_uri(uri, (*REMOTE_SCHEMES, DATASET_SCHEME))
+
+
 # A location a job reads or writes.
 Uri = Annotated[str, Field(min_length=1), AfterValidator(check_uri)]
+# A dataset source: also `hf://datasets/org/name[@revision][/path/in/repo]`.
+SourceUri = Annotated[str, Field(min_length=1), AfterValidator(check_source_uri)]
 # A model or tokenizer: also `hf://org/name[@revision]`, or a bare `org/name` that is no local path.
 ModelUri = Annotated[str, Field(min_length=1), AfterValidator(check_model_uri)]
 # A dataset or run name: it becomes a directory name, so no separators and no leading dot.

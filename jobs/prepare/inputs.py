@@ -14,6 +14,7 @@ from typing import Any
 
 from jobs.common import storage, tokenizer_files
 from jobs.common.spec import SpecError
+from jobs.prepare import hub
 from jobs.prepare.spec import DatasetSpec
 from jobs.prepare.templates import ChatTemplate, build_template
 
@@ -69,7 +70,11 @@ def locate_inputs(spec: DatasetSpec) -> Located:
     sources = []
     for i, source in enumerate(spec.sources):
         try:
-            fs, infos = storage.expand(source.uri)
+            if hub.is_hub_dataset(source.uri):
+                fs, _ = storage.filesystem(".")
+                infos = fs.get_file_info(hub.fetch(source.uri, source.subset, source.hub_split))
+            else:
+                fs, infos = storage.expand(source.uri)
         except Exception as e:
             problems.append(f"sources.{i}.uri: cannot list {source.uri!r}: {e}")
             continue

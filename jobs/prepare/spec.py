@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from jobs.common.overrides import apply_overrides
-from jobs.common.spec import ModelUri, Name, SpecModel, Uri, read_document, reference_markdown, validate
+from jobs.common.spec import ModelUri, Name, SourceUri, SpecModel, Uri, read_document, reference_markdown, validate
 
 
 class SourceFormat(StrEnum):
@@ -97,7 +97,8 @@ class FieldMap(SpecModel):
 class Source(SpecModel):
     """One input: every row of every file it names becomes one conversation (or one reject)."""
 
-    uri: Uri = Field(description="Local path or glob, s3://bucket/key (or prefix/glob), gs://bucket/key.")
+    uri: SourceUri = Field(description="Local path or glob, s3://bucket/key (or prefix/glob), gs://bucket/key, or a "
+                           "Hugging Face dataset: hf://datasets/org/name[@revision][/path/in/repo].")
     format: SourceFormat = Field(SourceFormat.AUTO, description="Row layout; `auto` detects it per row.")
     fields: FieldMap = Field(default_factory=FieldMap, description="Optional key renames.")
     weight: float = Field(
@@ -116,6 +117,26 @@ class Source(SpecModel):
         "is `split: val`). `auto`: the `val_ratio` share by hash goes to val, or every row to train when another "
         "source is `split: val`.",
     )
+
+    subset: str | None = Field(None, min_length=1, description="A Hugging Face dataset's subset (config) to read; "
+                               "hf://datasets/ sources only.")
+    hub_split: str | None = Field(None, min_length=1, pattern=r"^[\w.-]+$",
+                                  description="A Hugging Face dataset's split to read (default `train`); hf://datasets/ "
+                                  "sources without a path in the repository only.")
+
+    @model_validator(mode="after")
+    def _hub_options_name_a_hub_dataset(self) -> Source:
+        from jobs.prepare import hub
+
+        if not hub.is_hub_dataset(self.uri):
+            if self.subset or self.hub_split:
+                raise ValueError("subset and hub_split choose files of a Hugging Face dataset: "
+                                 f"remove them, or name one as hf://datasets/org/name (uri is {self.uri!r})")
+            return self
+        _, _, path = hub.parse(self.uri)
+        if path is not None and (self.subset or self.hub_split):
+            raise ValueError(f"{self.uri!r} names its files by path: remove subset and hub_split, or the path")
+        return self
 
     @model_validator(mode="after")
     def _val_is_held_out_whole(self) -> Source:
