@@ -50,7 +50,7 @@ SPEC_BODY_DOC = {"requestBody": {"required": True, "content": {
 
 
 class Progress(BaseModel):
-    stage: str | None = Field(None, description="prepare | train")
+    stage: str | None = Field(None, description="prepare | train | evaluate")
     percent: float | None = None
     step: int | None = None
     total_steps: int | None = None
@@ -72,7 +72,8 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     progress: Progress
-    metrics: dict[str, Any] | None = Field(None, description="The latest metrics (trainings).")
+    metrics: dict[str, Any] | None = Field(None, description="The latest metrics (trainings); an evaluation's "
+                                           "figures, the base model's beside them, and its answers.")
     artifacts: dict[str, Any] = Field(default_factory=dict, description="Outputs that exist: manifest, "
                                       "checkpoints, metrics, exported model and adapter.")
     children: list[str] = Field(default_factory=list, description="A pipeline's dataset and training job ids.")
@@ -132,6 +133,13 @@ def create_dataset(control: ControlDep, tenant: TenantDep, body: SpecBody, key: 
              summary="Train (runs jobs.train); a dataset may be named `job:<dataset job id>`")
 def create_training(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None) -> JobOut:
     return _create(control, tenant, Kind.TRAINING, body, key)
+
+
+@router.post("/evaluations", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, openapi_extra=SPEC_BODY_DOC,
+             responses=CREATED,
+             summary="Evaluate a model (runs jobs.evaluate); `dataset`, `adapter` and `model.uri` may be `job:<id>`")
+def create_evaluation(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None) -> JobOut:
+    return _create(control, tenant, Kind.EVALUATION, body, key)
 
 
 @router.post("/pipelines", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, openapi_extra=SPEC_BODY_DOC,

@@ -145,7 +145,7 @@ def ray_head(env_file: Annotated[Path, typer.Option(help="Where to write RAY_ADD
 
 
 @app.command(epilog=ENVIRONMENT)
-def submit(kind: Annotated[str, typer.Argument(help="dataset | training | pipeline")],
+def submit(kind: Annotated[str, typer.Argument(help="dataset | training | pipeline | evaluation")],
            spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="spec file (YAML or JSON)")],
            idempotency_key: Annotated[str | None, typer.Option(help="resubmitting with it returns the same job")] = None,
            force: Annotated[bool, typer.Option(help="dataset or pipeline: prepare again even if its output was "
@@ -155,10 +155,10 @@ def submit(kind: Annotated[str, typer.Argument(help="dataset | training | pipeli
                "--set", metavar="PATH=VALUE", help="override a spec field, e.g. --set optim.lr=2e-4 (repeatable)")] = None,
            ) -> None:
     """Submit a spec; prints the job id."""
-    if kind not in ("dataset", "training", "pipeline"):
-        typer.echo("error: kind is dataset, training or pipeline", err=True)
+    if kind not in ("dataset", "training", "pipeline", "evaluation"):
+        typer.echo("error: kind is dataset, training, pipeline or evaluation", err=True)
         raise typer.Exit(2)
-    if force and kind == "training":
+    if force and kind in ("training", "evaluation"):
         typer.echo("error: --force prepares a dataset again: it is for dataset and pipeline jobs", err=True)
         raise typer.Exit(2)
     try:
@@ -175,7 +175,7 @@ def submit(kind: Annotated[str, typer.Argument(help="dataset | training | pipeli
 
 
 @jobs_app.command("list", epilog=ENVIRONMENT)
-def list_jobs(kind: Annotated[str | None, typer.Option(help="dataset | training | pipeline")] = None,
+def list_jobs(kind: Annotated[str | None, typer.Option(help="dataset | training | pipeline | evaluation")] = None,
               status: Annotated[str | None, typer.Option(help="QUEUED | RUNNING | SUCCEEDED | FAILED | CANCELLED | LOST")] = None,
               limit: Annotated[int, typer.Option(help="How many, newest first (at most 500).")] = 50) -> None:
     """List your tenant's jobs, newest first: id, kind, status, created."""
@@ -245,6 +245,10 @@ def result_summary(job: dict) -> str:
     if job["progress"].get("reused"):
         lines.append("dataset reused: already prepared from the same spec, inputs and tokenizer (--force prepares again)")
     metrics = job.get("metrics") or {}
+    if job["kind"] == "evaluation":  # the model's figures, and the base model's where it had an adapter
+        for label, figures in (("model", metrics.get("metrics")), ("base model", metrics.get("base_metrics"))):
+            if figures:
+                lines.append(f"{label}: " + ", ".join(f"{k} {round(v, 4)}" for k, v in figures.items()))
     shown = {k: round(metrics[k], 4) for k in ("step", "loss", "eval_loss", "perplexity", "token_accuracy", "sequence_accuracy")
              if k in metrics}
     if shown:

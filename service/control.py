@@ -25,10 +25,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs.common import storage
+from jobs.common import run_layout, storage
 from jobs.common.contract import ManifestError
 from jobs.common.spec import SpecError
-from jobs.train.spec import TrainingSpec
+from jobs.train.spec import ScalingSpec
 from service import job_outputs, specs, store
 from service.ray_jobs import RayJobs, RayUnavailable, UnknownToRay
 from service.settings import Settings
@@ -150,7 +150,13 @@ class Control:
         if kind is Kind.TRAINING:
             spec = specs.training_spec(body, self.policy, tenant, job_id, lambda ref: self._dataset_output(tenant, ref),
                                        self.settings.trusted_remote_code_models)
-            self._check_capacity(spec)
+            self._check_capacity(spec.scaling)
+            return spec.model_dump(mode="json")
+        if kind is Kind.EVALUATION:
+            spec = specs.evaluation_spec(body, self.policy, tenant, job_id, lambda ref: self._dataset_output(tenant, ref),
+                                         lambda ref, name: self._training_export(tenant, ref, name),
+                                         self.settings.trusted_remote_code_models)
+            self._check_capacity(spec.scaling)
             return spec.model_dump(mode="json")
         problems = [f"{k}: required" for k in ("dataset", "training") if not isinstance(body.get(k), dict)]
         if problems:
@@ -158,9 +164,10 @@ class Control:
         dataset = self._prefixed("dataset", lambda: specs.dataset_spec(body["dataset"], self.policy, tenant, job_id,
                                                                        files))
         training_body = {**body["training"], "datasets": [{"uri": dataset.output}]}
-        training = self._prefixed("training", lambda: self._check_capacity(specs.training_spec(
+        training = self._prefixed("training", lambda: specs.training_spec(
             training_body, self.policy, tenant, job_id, lambda ref: self._dataset_output(tenant, ref),
-            self.settings.trusted_remote_code_models)))
+            self.settings.trusted_remote_code_models))
+        self._prefixed("training", lambda: self._check_capacity(training.scaling))
         return {"dataset": dataset.model_dump(mode="json"), "training": training.model_dump(mode="json")}
 
     def file_directory(self, tenant: str, file_id: str) -> str:
@@ -174,9 +181,9 @@ class Control:
             raise SpecError([f"no file {file_id} for this tenant: `raysft files list` shows yours"])
         return row.uri
 
-    def _check_capacity(self, spec: TrainingSpec) -> TrainingSpec:
+    def _check_capacity(self, scaling: ScalingSpec) -> None:
         """Refuse now what the cluster can never run, instead of leaving it pending forever."""
-        scaling, problems = spec.scaling, []
+        problems = []
         cpus = scaling.num_workers * scaling.cpus_per_worker
         gpus = scaling.num_workers * scaling.gpus_per_worker if scaling.use_gpu else 0
         for name, wanted, most in (("GPUs", gpus, self.settings.cluster_max_gpus),
@@ -186,7 +193,6 @@ class Control:
                                 f"the cluster can have at most {most:g}: lower num_workers or the per-worker {name}")
         if problems:
             raise SpecError(problems)
-        return spec
 
     @staticmethod
     def _prefixed(name: str, build):
@@ -209,6 +215,17 @@ class Control:
         if job.status is not Status.SUCCEEDED:
             raise SpecError([f"dataset job {job_id} is {job.status.value}: train once it has SUCCEEDED"])
         return job.spec["output"]
+
+    def _training_export(self, tenant: str, job_id: str, name: str) -> str:
+        """Where a succeeded training (or pipeline) of this tenant exported its `name` (model, adapter)."""
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+        if job is None or job.tenant_id != tenant or job.kind not in (Kind.TRAINING, Kind.PIPELINE):
+            raise SpecError([f"no training job {job_id!r}"])
+        if job.status is not Status.SUCCEEDED:
+            raise SpecError([f"training job {job_id} is {job.status.value}: evaluate once it has SUCCEEDED"])
+        spec = job.spec["training"] if job.kind is Kind.PIPELINE else job.spec
+        return run_layout.export_uri(job_outputs.run_dir(spec), name)
 
     def _active_jobs(self, tenant: str) -> int:
         """Queued or running jobs of a tenant; a pipeline's children count with their pipeline."""
@@ -396,8 +413,8 @@ class Control:
         """The job whose output is a prepared dataset: a dataset job, or a pipeline's preparation."""
         if job.kind is Kind.DATASET:
             return job
-        if job.kind is Kind.TRAINING:
-            raise NotFound("a training prepares no dataset: its spec names the datasets it reads")
+        if job.kind in (Kind.TRAINING, Kind.EVALUATION):
+            raise NotFound(f"a {job.kind.value} prepares no dataset: its spec names the datasets it reads")
         for child in self.children(job):
             if child.kind is Kind.DATASET:
                 return child

@@ -14,6 +14,7 @@ import pyarrow.fs as pafs
 
 from jobs.common import run_layout, storage
 from jobs.common.contract import MANIFEST_FILE, REJECTS_DIR, Manifest, ManifestError, read_manifest
+from jobs.evaluate.spec import REPORT_FILE
 from jobs.train.spec import TrainingSpec
 
 
@@ -138,10 +139,26 @@ def training(spec: dict[str, Any]) -> dict[str, Any]:
             "metrics": last, "artifacts": artifacts}
 
 
+def evaluation(spec: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's report, once written: its figures (the base model's beside them) and answers."""
+    uri = posixpath.join(spec["output"], REPORT_FILE)
+    fs, path = storage.filesystem(uri)
+    try:
+        report = json.loads(storage.read_bytes(fs, path))
+    except FileNotFoundError:
+        return {"stage": "evaluate", "artifacts": {}}
+    return {"stage": "evaluate", "percent": 100.0, "rows": report["rows"],
+            "metrics": {key: report[key] for key in ("metrics", "base_metrics", "generations", "base_generations")
+                        if key in report},
+            "artifacts": {"evaluation": uri}}
+
+
 def read(kind: str, spec: dict[str, Any], created_at: datetime, succeeded: bool) -> dict[str, Any]:
     """A job's progress from its outputs; `created_at` and `succeeded` (its Ray job's status) tell
     a preparation's own manifest from an earlier one (`dataset`)."""
-    return dataset(spec, created_at, succeeded) if kind == "dataset" else training(spec)
+    if kind == "dataset":
+        return dataset(spec, created_at, succeeded)
+    return evaluation(spec) if kind == "evaluation" else training(spec)
 
 
 def pipeline(dataset_progress: dict[str, Any], training_progress: dict[str, Any] | None) -> dict[str, Any]:

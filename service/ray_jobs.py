@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from service.store import Kind, Status
 
-ENTRYPOINTS = {Kind.DATASET: "python -m jobs.prepare --spec {spec}", Kind.TRAINING: "python -m jobs.train --spec {spec}"}
+ENTRYPOINTS = {Kind.DATASET: "python -m jobs.prepare --spec {spec}", Kind.TRAINING: "python -m jobs.train --spec {spec}",
+               Kind.EVALUATION: "python -m jobs.evaluate --spec {spec}"}
 FORCE = " --force"  # the one flag a request may add, to a preparation: prepare again, reuse nothing
 # Ray's job statuses, as the database records them.
 STATUSES = {"PENDING": Status.QUEUED, "RUNNING": Status.RUNNING, "SUCCEEDED": Status.SUCCEEDED,

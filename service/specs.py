@@ -9,11 +9,12 @@ from collections.abc import Callable
 from typing import Any
 
 from jobs.common.spec import SpecError, validate
+from jobs.evaluate.spec import EvaluationSpec
 from jobs.prepare.spec import DatasetSpec
-from jobs.train.spec import TrainingSpec
+from jobs.train.spec import ModelSpec, TrainingSpec
 from service.uris import UriPolicy
 
-JOB_REF = "job:"  # a training dataset named by the id of the dataset job that prepared it
+JOB_REF = "job:"  # a dataset (or a trained model) named by the id of the job that made it
 FILE_REF = "file:"  # a dataset source named by the id of an uploaded file (POST /v1/files)
 
 
@@ -64,6 +65,13 @@ def dataset_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: s
     return spec
 
 
+def untrusted_code(model: ModelSpec, trusted_models: list[str]) -> list[str]:
+    if model.trust_remote_code and model.uri not in trusted_models:
+        return ["model.trust_remote_code: this model is not on the operator's allowlist "
+                "(RAYSFT_TRUSTED_REMOTE_CODE_MODELS): set it to false"]
+    return []
+
+
 def training_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: str,
                   dataset_output: Callable[[str], str], trusted_models: list[str]) -> TrainingSpec:
     """`checkpoint.storage` defaults to the job's own directory; a dataset `uri: job:<id>` becomes
@@ -93,9 +101,52 @@ def training_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: 
         problems.append(f"checkpoint.storage: {p}")
     if spec.checkpoint.resume_uri is not None and (p := policy.check(spec.checkpoint.resume_uri, tenant, write=False)):
         problems.append(f"checkpoint.resume: {p}")
-    if spec.model.trust_remote_code and spec.model.uri not in trusted_models:
-        problems.append("model.trust_remote_code: this model is not on the operator's allowlist "
-                        "(RAYSFT_TRUSTED_REMOTE_CODE_MODELS): set it to false")
+    problems += untrusted_code(spec.model, trusted_models)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def _job_ref(body: dict[str, Any], path: tuple[str, ...], resolve: Callable[[str], str]) -> list[str]:
+    """Replace, in place, the `job:<id>` at `body[path...]` with `resolve(id)`; returns the problems."""
+    *parents, key = path
+    node = body
+    for parent in parents:
+        node = node.get(parent) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or not str(node.get(key, "")).startswith(JOB_REF):
+        return []
+    try:
+        node[key] = resolve(node[key][len(JOB_REF):])
+    except SpecError as e:
+        return [f"{'.'.join(path)}: {p}" for p in e.problems]
+    return []
+
+
+def evaluation_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: str,
+                    dataset_output: Callable[[str], str], training_export: Callable[[str, str], str],
+                    trusted_models: list[str]) -> EvaluationSpec:
+    """`output` defaults to the job's own directory; `dataset: job:<id>` becomes that dataset job's
+    output, `adapter: job:<id>` that training's exported adapter and `model.uri: job:<id>` its
+    exported model (the callables raise SpecError for a job that is not this tenant's, or not done)."""
+    body = {**body, "output": body.get("output") or f"{job_dir(policy, tenant, job_id)}/evaluation"}
+    if isinstance(body.get("model"), dict):
+        body["model"] = dict(body["model"])
+    problems = (_job_ref(body, ("dataset",), dataset_output)
+                + _job_ref(body, ("adapter",), lambda ref: training_export(ref, "adapter"))
+                + _job_ref(body, ("model", "uri"), lambda ref: training_export(ref, "model")))
+    try:
+        spec = validate(EvaluationSpec, body)
+    except SpecError as e:
+        raise SpecError(problems + e.problems) from None
+    resolved = {field: policy.resolve(uri) for field in ("adapter", "dataset", "output") if (uri := getattr(spec, field))}
+    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"uri": policy.resolve(spec.model.uri)}),
+                                   **resolved})
+    for field, uri in (("model.uri", spec.model.uri), ("adapter", spec.adapter), ("dataset", spec.dataset)):
+        if uri is not None and (p := policy.check(uri, tenant, write=False)):
+            problems.append(f"{field}: {p}")
+    if p := policy.check(spec.output, tenant, write=True):
+        problems.append(f"output: {p}")
+    problems += untrusted_code(spec.model, trusted_models)
     if problems:
         raise SpecError(problems)
     return spec

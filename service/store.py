@@ -39,6 +39,7 @@ class Kind(enum.StrEnum):
     DATASET = "dataset"
     TRAINING = "training"
     PIPELINE = "pipeline"
+    EVALUATION = "evaluation"
 
 
 def now() -> datetime:

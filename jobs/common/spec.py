@@ -11,7 +11,8 @@ import difflib
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, get_args
+from types import UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -140,6 +141,12 @@ def validate(model: type[_M], data: dict[str, Any]) -> _M:
 
 
 def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Annotated:  # a constrained type reads as what it constrains
+        return _type_name(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return " \\| ".join(_type_name(arg) for arg in get_args(annotation))
+    if annotation is type(None):
+        return "None"
     if isinstance(annotation, type) and issubclass(annotation, StrEnum):
         return " \\| ".join(m.value for m in annotation)
     if isinstance(annotation, type):

@@ -3,6 +3,8 @@ to the spec's prompts, rendered with the chat template the model is trained (and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 
 from jobs.common.contract import IGNORE_INDEX
 from jobs.train.packed_batch import model_inputs, token_loss_sum
-from jobs.train.spec import TrainingSpec
+from jobs.train.spec import Generation
 
 
 def exact_replies(predicted: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -32,38 +34,64 @@ def exact_replies(predicted: torch.Tensor, labels: torch.Tensor) -> tuple[int, i
     return replies - int(wrong_runs.sum()), replies
 
 
+@dataclass(frozen=True)
+class EvalSums:
+    """What evaluation adds up over batches and workers; the metrics are its ratios."""
+
+    loss_sum: float = 0.0
+    tokens: float = 0.0  # trained tokens scored
+    correct: float = 0.0  # of them, predicted right
+    exact: float = 0.0  # replies predicted right in every token
+    replies: float = 0.0
+
+    def __add__(self, other: EvalSums) -> EvalSums:
+        return EvalSums(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def reduced(self, reduce_sum: Callable[[float], float]) -> EvalSums:
+        return EvalSums(*(reduce_sum(x) for x in astuple(self)))
+
+    def metrics(self) -> dict[str, float]:
+        """Token-weighted loss, perplexity, token accuracy and sequence accuracy; none without tokens."""
+        if self.tokens == 0:
+            return {}
+        eval_loss = self.loss_sum / self.tokens
+        return {"eval_loss": eval_loss, "perplexity": float(np.exp(min(eval_loss, 50))),
+                "token_accuracy": self.correct / self.tokens, "sequence_accuracy": self.exact / max(self.replies, 1)}
+
+
+def evaluation_sums(forward, batches) -> EvalSums:
+    """The sums over collated validation batches of one model call (`forward`, in eval mode)."""
+    sums = EvalSums()
+    with torch.no_grad():
+        for b in batches:
+            logits = forward(**model_inputs(b)).logits
+            loss, n = token_loss_sum(logits, b["labels"])
+            trained = b["labels"][:, 1:] != IGNORE_INDEX
+            predicted = logits[:, :-1].argmax(-1)
+            right, replies = exact_replies(predicted, b["labels"])
+            sums += EvalSums(float(loss), n, float((predicted[trained] == b["labels"][:, 1:][trained]).sum()),
+                             right, replies)
+    return sums
+
+
 def evaluate(engine, batches, reduce_sum) -> dict[str, float]:
     """Token-weighted loss, perplexity, next-token accuracy and sequence accuracy (replies whose
     every token the model predicts) over this worker's collated validation batches, summed over
     workers by `reduce_sum`."""
     engine.module.eval()
-    loss_sum = correct = count = exact = replies = 0.0
-    with torch.no_grad():
-        for b in batches:
-            logits = engine.forward(**model_inputs(b)).logits
-            s, n = token_loss_sum(logits, b["labels"])
-            trained = b["labels"][:, 1:] != IGNORE_INDEX
-            predicted = logits[:, :-1].argmax(-1)
-            correct += float((predicted[trained] == b["labels"][:, 1:][trained]).sum())
-            right, total = exact_replies(predicted, b["labels"])
-            loss_sum, count, exact, replies = loss_sum + float(s), count + n, exact + right, replies + total
+    sums = evaluation_sums(engine.forward, batches)
     engine.module.train()
-    loss_sum, correct, count, exact, replies = (reduce_sum(x) for x in (loss_sum, correct, count, exact, replies))
-    if count == 0:
-        return {}
-    eval_loss = loss_sum / count
-    return {"eval_loss": eval_loss, "perplexity": float(np.exp(min(eval_loss, 50))), "token_accuracy": correct / count,
-            "sequence_accuracy": exact / replies}
+    return sums.reduced(reduce_sum).metrics()
 
 
-def generate_answers(engine, tokenizer: Any, spec: TrainingSpec, stop_ids: list[int], seed: int,
+def generate_answers(engine, tokenizer: Any, ev: Generation, stop_ids: list[int], seed: int,
                      rank: int) -> list[dict[str, str]]:
-    """Answers to `eval.prompts`, sampled with a seed of their own so they are reproducible and the
+    """Answers to `ev.prompts`, sampled with a seed of their own so they are reproducible and the
     training random streams stay untouched. Sharded (ZeRO-3) parameters need every rank in each
     forward pass, so then all ranks generate in step (`synced_gpus`); otherwise rank 0 alone."""
-    if not spec.eval.prompts or (rank != 0 and not engine.sharded):
+    if not ev.prompts or (rank != 0 and not engine.sharded):
         return []
-    module, ev = engine.module, spec.eval
+    module = engine.module
     device = next(module.parameters()).device
     module.eval()
     answers = []

@@ -316,7 +316,7 @@ def train_loop(config: dict[str, LoopConfig]) -> None:
         metrics = {"step": 0, "total_steps": total_steps, "epoch": 0, "failures": 0}
         metrics |= evaluate(engine, validation_batches(val_shard, loop, pad_id, rank, world, device), all_reduce_sum)
         if spec.eval.prompts:
-            metrics["generations"] = generate_answers(engine, tokenizer, spec, stop_ids, spec.seed, rank)
+            metrics["generations"] = generate_answers(engine, tokenizer, spec.eval, stop_ids, spec.seed, rank)
         ray.train.report(metrics, checkpoint_upload_mode=upload_mode(spec))
         if rank == 0:
             log.add(metrics, important=True)
@@ -340,7 +340,7 @@ def train_loop(config: dict[str, LoopConfig]) -> None:
             if save or answer:  # checkpoints are ranked by eval loss, so each one is evaluated
                 metrics |= evaluate(engine, validation_batches(val_shard, loop, pad_id, rank, world, device), all_reduce_sum)
             if answer and spec.eval.prompts:
-                metrics["generations"] = generate_answers(engine, tokenizer, spec, stop_ids, spec.seed + n, rank)
+                metrics["generations"] = generate_answers(engine, tokenizer, spec.eval, stop_ids, spec.seed + n, rank)
             if save:
                 started = time.perf_counter()
                 save_and_report(engine, tokenizer, spec, position, metrics, rank, final=n == total_steps)

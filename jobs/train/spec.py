@@ -223,16 +223,21 @@ class CheckpointSpec(SpecModel):
         return None if self.resume in RESUME_KEYWORDS else self.resume
 
 
-class EvalSpec(SpecModel):
+class Generation(SpecModel):
+    """Sample answers to prompts, each rendered as a user turn with the chat template."""
+
+    prompts: list[str] = Field(default_factory=list, description="User prompts answered at each evaluation.")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Generation length.")
+    temperature: float = Field(0.7, ge=0, description="0 means greedy.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
+
+
+class EvalSpec(Generation):
     """Evaluation on the validation split, and sample generations."""
 
     every_steps: int = Field(50, ge=1, description="Evaluate every N optimizer steps (and at the end).")
     at_start: bool = Field(False, description="Also evaluate and answer the prompts before the first step (step 0 "
                            "in the metrics): the base model's figures the run is measured against.")
-    prompts: list[str] = Field(default_factory=list, description="User prompts answered at each evaluation.")
-    max_new_tokens: int = Field(64, ge=1, le=4096, description="Generation length.")
-    temperature: float = Field(0.7, ge=0, description="0 means greedy.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
 
 
 class Tracker(StrEnum):

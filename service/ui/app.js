@@ -8,10 +8,11 @@ import { formatNumber, formatSeconds, formatTime, h } from "./dom.js";
 const REFRESH_MS = 3000;
 const PAGE_SIZE = 50;
 const STATUSES = ["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "LOST"];
-const KINDS = ["dataset", "training", "pipeline"];
+const KINDS = ["dataset", "training", "pipeline", "evaluation"];
 const ANSI_ESCAPES = /\x1b\[[0-9;]*[A-Za-z]/g;
 const isActive = (job) => job.status === "QUEUED" || job.status === "RUNNING";
-const trains = (job) => job.kind !== "dataset";
+const trains = (job) => job.kind === "training" || job.kind === "pipeline";
+const prepares = (job) => job.kind === "dataset" || job.kind === "pipeline";
 const view = document.getElementById("view");
 const problem = document.getElementById("problem");
 const signOut = document.getElementById("sign-out");
@@ -169,7 +170,8 @@ function jobPage(id) {
       charts.replaceChildren(...trainingCharts(history));
       answers.replaceChildren(...generations(history));
     }
-    if (job.kind !== "training" && !report) {
+    if (job.kind === "evaluation") answers.replaceChildren(...evaluationReport(job));
+    if (prepares(job) && !report) {
       report = await optional(api(`jobs/${id}/dataset`), null);
       dataset.replaceChildren(...(report ? datasetReport(report) : [h("h2", {}, "Dataset"),
         h("p", { class: "empty" }, "The preparation has not written its manifest yet.")]));
@@ -177,7 +179,7 @@ function jobPage(id) {
     outputs.replaceChildren(...artifacts(job.artifacts));
     const text = await optional(api(`jobs/${id}/logs`, { query: { tail: 200 } }), "(no log yet)");
     log.textContent = text.replace(ANSI_ESCAPES, ""); // Ray colours its prefixes for terminals
-    return isActive(job) || (job.kind !== "training" && !report);
+    return isActive(job) || (prepares(job) && !report);
   }
   return { node, refresh };
 }
@@ -236,6 +238,31 @@ function generations(history) {
     h("table", { class: "answers" }, h("thead", {}, h("tr", {}, h("th", {}, "step"), h("th", {}, "prompt"), h("th", {}, "answer"))),
       h("tbody", {}, evaluated.flatMap((e) => e.generations.map((g) =>
         h("tr", {}, h("td", {}, e.step), h("td", {}, g.prompt), h("td", { class: "answer" }, g.answer))))))];
+}
+
+// An evaluation: the model's figures with the base model's beside them (an adapter's evaluation
+// scores both), then each prompt's answers side by side.
+function evaluationReport(job) {
+  const { metrics, base_metrics: base, generations: answers = [], base_generations: baseAnswers = [] } = job.metrics || {};
+  const spec = job.spec;
+  const scored = h("p", { class: "meta" }, `model ${spec.model.uri}`, spec.adapter ? ` · adapter ${spec.adapter}` : "",
+    spec.dataset ? ` · ${spec.split} split of ${spec.dataset}` : "");
+  if (!metrics) return [h("h2", {}, "Evaluation"), scored, h("p", { class: "empty" }, "The evaluation has not written its report yet.")];
+  const columns = base ? ["fine-tuned", "base model"] : ["model"];
+  const cell = (figures, key) => h("td", {}, formatNumber(figures?.[key]));
+  const keys = ["eval_loss", "perplexity", "token_accuracy", "sequence_accuracy"];
+  return [
+    h("h2", {}, "Evaluation"), scored,
+    h("table", { class: "facts", id: "evaluation" },
+      h("thead", {}, h("tr", {}, h("th", {}, ""), columns.map((c) => h("th", {}, c)))),
+      h("tbody", {}, keys.map((key) => h("tr", {}, h("th", {}, key.replaceAll("_", " ")), cell(metrics, key),
+        base ? cell(base, key) : "")))),
+    answers.length ? h("h3", {}, "Answers to the prompts") : "",
+    answers.length ? h("table", { class: "answers" },
+      h("thead", {}, h("tr", {}, h("th", {}, "prompt"), columns.map((c) => h("th", {}, c)))),
+      h("tbody", {}, answers.map((g, i) => h("tr", {}, h("td", {}, g.prompt), h("td", { class: "answer" }, g.answer),
+        base ? h("td", { class: "answer" }, baseAnswers[i]?.answer ?? "") : "")))) : "",
+  ];
 }
 
 function artifacts(found) {

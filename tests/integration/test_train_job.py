@@ -92,13 +92,29 @@ def test_lora_zero2_two_workers_checkpoints_to_s3(s3_server, tiny_model, prepare
         assert f"runs/lora-z2/export/{name}" in {o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix="runs/lora-z2/export/")["Contents"]}
 
 
-def test_lora_zero3_two_workers(tiny_model, prepared, tmp_path):
+def test_lora_zero3_two_workers_and_its_adapter_evaluated_as_a_job(tiny_model, prepared, tmp_path):
     spec = training_spec(tiny_model, prepared, str(tmp_path / "ckpt"), name="lora-z3",
                          strategy={"kind": "deepspeed", "zero_stage": 3})
     proc = run("jobs.train", spec)
-    assert_learns(step_metrics(proc.stdout + proc.stderr), 10)
+    metrics = step_metrics(proc.stdout + proc.stderr)
+    assert_learns(metrics, 10)
     assert (tmp_path / "ckpt/lora-z3/step_00000010/adapter_model.safetensors").exists()
     assert_exported(tmp_path / "ckpt/lora-z3/export", tiny_model, adapter=True)  # gathered from ZeRO-3 shards
+
+    # jobs.evaluate on the exported adapter, its rows shared by 2 workers, scores the validation
+    # split as training's last evaluation did; the base model (adapter off) scores worse.
+    evaluation = {"name": "z3-eval", "model": {"uri": str(tiny_model), "dtype": "fp32"},
+                  "adapter": str(tmp_path / "ckpt/lora-z3/export/adapter"), "dataset": str(prepared),
+                  "generation": {"prompts": ["How long should I rest a steak?"], "max_new_tokens": 4},
+                  "scaling": {"num_workers": 2}, "output": str(tmp_path / "eval")}
+    printed = run("jobs.evaluate", evaluation).stdout
+    report = json.loads((tmp_path / "eval/evaluation.json").read_text())
+    assert report["rows"] == json.loads((prepared / "manifest.json").read_text())["packing"]["rows"]["val"]
+    for key in ("eval_loss", "token_accuracy", "sequence_accuracy"):
+        assert report["metrics"][key] == pytest.approx(metrics[10][key], abs=1e-4), key
+    assert report["base_metrics"]["eval_loss"] > report["metrics"]["eval_loss"]
+    assert [g["prompt"] for g in report["generations"] + report["base_generations"]] == evaluation["generation"]["prompts"] * 2
+    assert "eval_loss" in printed and "base" in printed
 
 
 def test_full_finetune_ddp_two_workers(tiny_model, prepared, tmp_path):

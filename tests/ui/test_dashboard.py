@@ -1,7 +1,7 @@
 """The dashboard in a real browser: Debian's headless Chromium driven by Playwright, against the
 service under uvicorn and a real local Ray. A pipeline is seen running in the list, its loss curve
 gains points while it trains, its dataset shows the trained tokens highlighted, it is cancelled from
-the page; runs are compared; another tenant sees none of it; 1,000 jobs page server-side. The API
+the page; runs are compared; a run is evaluated beside its base model; another tenant sees none of it; 1,000 jobs page server-side. The API
 key never appears in a URL, the service's log or a page's source. Each page is saved as a
 screenshot under .cache/ui-screens/.
 
@@ -174,6 +174,22 @@ def test_a_pipeline_is_watched_trained_cancelled_and_compared(visit, service, ke
         f"watched ({watched[:8]})", f"short ({short[:8]})"}
     assert int(page.locator("#chart-compare-loss polyline[data-series^='short']").get_attribute("data-points")) == 6
     visit.shot("compare")
+
+    # The short run's adapter evaluated as a job of its own: the page shows its figures beside the
+    # base model's, and both models' answers.
+    pipeline = service.http.get(f"/v1/jobs/{short}", headers=acme).json()
+    evaluation = service.http.post("/v1/evaluations", headers=acme, json={
+        "name": "short-eval", "model": pipeline["spec"]["training"]["model"], "adapter": f"job:{short}",
+        "dataset": f"job:{pipeline['children'][0]}",
+        "generation": {"prompts": ["How long should I rest a steak?"], "max_new_tokens": 8}}).json()
+    assert service.wait(evaluation["id"], headers=acme)[-1]["status"] == "SUCCEEDED"
+    page.goto(f"{visit.base}/ui/#/jobs/{evaluation['id']}")
+    expect(page.locator("#evaluation thead")).to_contain_text("fine-tuned")
+    assert page.locator("#evaluation thead th").all_inner_texts() == ["", "fine-tuned", "base model"]
+    assert page.locator("#evaluation tbody tr").first.inner_text().startswith("eval loss")
+    expect(page.locator("#answers td.answer")).to_have_count(2)
+    assert page.locator("#dataset").inner_text() == ""  # an evaluation prepares no dataset
+    visit.shot("job-evaluation")
 
     # Another tenant's key: no jobs, and the pipeline's page is not found.
     page.click("#sign-out")

@@ -74,9 +74,15 @@ def test_spec_hash_ignores_layout():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
-    assert path.parent.name in ("datasets", "training", "pipelines"), \
-        f"{path}: configs/ holds datasets/, training/ and pipelines/ specs"
+    assert path.parent.name in ("datasets", "training", "pipelines", "evaluation"), \
+        f"{path}: configs/ holds datasets/, training/, pipelines/ and evaluation/ specs"
     assert path.read_text().startswith("#"), "every preset opens with a comment giving its command"
+    if path.parent.name == "evaluation":
+        from jobs.evaluate.spec import load_evaluation_spec
+
+        load_evaluation_spec(str(path))
+        assert "python -m jobs.evaluate" in path.read_text().split("\nname:")[0]
+        return
     if path.parent.name == "pipelines":  # what the service fills in: outputs, the prepared dataset
         from jobs.train.spec import load_training_spec
 

@@ -372,3 +372,40 @@ def test_ray_errors_are_classified_by_what_they_say_not_by_digits_in_ids():
         failing("Request failed with status code 404: Job raysft-b not found").status("raysft-b")
     with pytest.raises(UnknownToRay):
         failing("Job raysft-b does not exist.").status("raysft-b")
+
+
+def test_an_evaluation_names_a_trainings_export_and_a_dataset_by_job_id_and_reports_its_figures(client, ray, data_dir):
+    dataset = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client)).json()
+    ray.set(f"raysft-{dataset['id']}", Status.SUCCEEDED)
+    reconcile(client)
+    training = client.post("/v1/trainings", json=training_body(data_dir, datasets=[{"uri": f"job:{dataset['id']}"}]),
+                           headers=auth(client)).json()
+    body = {"name": "eval", "model": {"uri": str(data_dir / "models/tiny"), "dtype": "fp32"},
+            "adapter": f"job:{training['id']}", "dataset": f"job:{dataset['id']}"}
+    early = client.post("/v1/evaluations", json=body, headers=auth(client))
+    assert early.status_code == 422 and "evaluate once it has SUCCEEDED" in early.text
+    ray.set(f"raysft-{training['id']}", Status.SUCCEEDED)
+    reconcile(client)
+    assert client.post("/v1/evaluations", json=body, headers=auth(client, "globex")).status_code == 422
+    job = client.post("/v1/evaluations", json=body, headers=auth(client)).json()
+    assert job["kind"] == "evaluation"
+    run = training["spec"]["checkpoint"]["storage"] + "/lora"
+    assert job["spec"]["adapter"] == f"{run}/export/adapter" and job["spec"]["dataset"] == dataset["spec"]["output"]
+    assert job["spec"]["output"] == str(data_dir.absolute() / f"artifacts/tenants/acme/jobs/{job['id']}/evaluation")
+    spec_file = data_dir.absolute() / f"artifacts/tenants/acme/jobs/{job['id']}/spec.json"
+    assert ray.jobs[f"raysft-{job['id']}"]["entrypoint"] == f"python -m jobs.evaluate --spec {spec_file}"
+
+    # What the job writes is what the API reports: the model's figures, the base model's, the answers.
+    report = {"rows": 3, "metrics": {"eval_loss": 1.5}, "base_metrics": {"eval_loss": 2.5},
+              "generations": [{"prompt": "Hi", "answer": "Hello"}], "base_generations": []}
+    (data_dir / job["spec"]["output"]).mkdir(parents=True)
+    (data_dir / job["spec"]["output"] / "evaluation.json").write_text(json.dumps(report))
+    ray.set(f"raysft-{job['id']}", Status.SUCCEEDED)
+    reconcile(client)
+    done = client.get(f"/v1/jobs/{job['id']}", headers=auth(client)).json()
+    assert done["metrics"] == {k: report[k] for k in ("metrics", "base_metrics", "generations", "base_generations")}
+    assert done["artifacts"]["evaluation"].endswith("/evaluation/evaluation.json")
+
+    outside = client.post("/v1/evaluations", json=body | {"adapter": "s3://elsewhere/adapter", "output": "s3://x/y"},
+                          headers=auth(client)).json()["detail"]["problems"]
+    assert any(p.startswith("adapter: not readable") for p in outside) and any(p.startswith("output:") for p in outside)

@@ -68,13 +68,13 @@ def test_generations_are_reproducible_and_leave_the_training_random_stream_alone
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    first = generate_answers(engine, tokenizer, spec, stop, seed=7, rank=0)
+    first = generate_answers(engine, tokenizer, spec.eval, stop, seed=7, rank=0)
     assert torch.rand(1) == before  # the training stream continues as if nothing was sampled
-    again = generate_answers(engine, tokenizer, spec, stop, seed=7, rank=0)
+    again = generate_answers(engine, tokenizer, spec.eval, stop, seed=7, rank=0)
     assert first == again and [a["prompt"] for a in first] == spec.eval.prompts
     assert all(isinstance(a["answer"], str) for a in first)
     # Unsharded parameters: only rank 0 generates.
-    assert generate_answers(engine, tokenizer, spec, stop, seed=7, rank=1) == []
+    assert generate_answers(engine, tokenizer, spec.eval, stop, seed=7, rank=1) == []
 
 
 class WholeSplit:
