@@ -77,7 +77,13 @@ class JobOut(BaseModel):
     artifacts: dict[str, Any] = Field(default_factory=dict, description="Outputs that exist: manifest, "
                                       "checkpoints, metrics, exported model and adapter.")
     children: list[str] = Field(default_factory=list, description="A pipeline's dataset and training job ids.")
+    sweep_id: str | None = Field(None, description="The sweep that created this training (GET /v1/sweeps/{id}).")
     spec: dict[str, Any]
+
+
+class SweepOut(BaseModel):
+    id: str
+    jobs: list[JobOut] = Field(description="One training per run, in the order of the runs.")
 
 
 class JobPage(BaseModel):
@@ -98,7 +104,7 @@ def job_out(job: Job, children: list[Job] = ()) -> JobOut:
                   started_at=utc(job.started_at), finished_at=utc(job.finished_at),
                   progress=Progress.model_validate({k: v for k, v in cached.items() if k in Progress.model_fields}),
                   metrics=cached.get("metrics"), artifacts=cached.get("artifacts", {}),
-                  children=[c.id for c in children], spec=job.spec)
+                  children=[c.id for c in children], sweep_id=job.sweep_id, spec=job.spec)
 
 
 # An output already prepared from the same spec, input files and tokenizer is reused (reported as
@@ -108,8 +114,14 @@ Force = Annotated[bool, Query(description="Prepare again even if the output was 
 
 
 def _create(control, tenant: str, kind: Kind, body: dict[str, Any], key: str | None, force: bool = False) -> JobOut:
+    job = _refusing(lambda: control.create(tenant, kind, body, key, force))
+    return job_out(job, control.children(job))
+
+
+def _refusing(create):
+    """What `create` made, or its refusal as the HTTP answer: 422 with every problem, 429 at the limit."""
     try:
-        job = control.create(tenant, kind, body, key, force)
+        return create()
     except SpecError as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, {"problems": e.problems}) from None
     except Conflict as e:
@@ -117,7 +129,6 @@ def _create(control, tenant: str, kind: Kind, body: dict[str, Any], key: str | N
     except TooManyJobs as e:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, str(e),
                             headers={"Retry-After": str(e.retry_after_s)}) from None
-    return job_out(job, control.children(job))
 
 
 @router.post("/datasets", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut, openapi_extra=SPEC_BODY_DOC,
@@ -148,6 +159,22 @@ def create_evaluation(control: ControlDep, tenant: TenantDep, body: SpecBody, ke
 def create_pipeline(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None,
                     force: Force = False) -> JobOut:
     return _create(control, tenant, Kind.PIPELINE, body, key, force)
+
+
+@router.post("/sweeps", status_code=status.HTTP_202_ACCEPTED, response_model=SweepOut, openapi_extra=SPEC_BODY_DOC,
+             summary="One training per run: {training: <training spec>, runs: [{path.to.field: value}, ...]}")
+def create_sweep(control: ControlDep, tenant: TenantDep, body: SpecBody, key: IdempotencyKey = None) -> SweepOut:
+    jobs = _refusing(lambda: control.create_sweep(tenant, body, key))
+    return SweepOut(id=jobs[0].sweep_id or jobs[0].id, jobs=[job_out(j) for j in jobs])
+
+
+@router.get("/sweeps/{sweep_id}", response_model=SweepOut, operation_id="getSweep")
+def get_sweep(control: ControlDep, tenant: TenantDep, sweep_id: str) -> SweepOut:
+    try:
+        jobs = control.sweep(tenant, sweep_id)
+    except NotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no sweep {sweep_id}") from None
+    return SweepOut(id=sweep_id, jobs=[job_out(j) for j in jobs])
 
 
 @router.get("/jobs", response_model=JobPage)

@@ -145,7 +145,7 @@ def ray_head(env_file: Annotated[Path, typer.Option(help="Where to write RAY_ADD
 
 
 @app.command(epilog=ENVIRONMENT)
-def submit(kind: Annotated[str, typer.Argument(help="dataset | training | pipeline | evaluation")],
+def submit(kind: Annotated[str, typer.Argument(help="dataset | training | pipeline | evaluation | sweep")],
            spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="spec file (YAML or JSON)")],
            idempotency_key: Annotated[str | None, typer.Option(help="resubmitting with it returns the same job")] = None,
            force: Annotated[bool, typer.Option(help="dataset or pipeline: prepare again even if its output was "
@@ -154,11 +154,14 @@ def submit(kind: Annotated[str, typer.Argument(help="dataset | training | pipeli
            overrides: Annotated[list[str] | None, typer.Option(
                "--set", metavar="PATH=VALUE", help="override a spec field, e.g. --set optim.lr=2e-4 (repeatable)")] = None,
            ) -> None:
-    """Submit a spec; prints the job id."""
-    if kind not in ("dataset", "training", "pipeline", "evaluation"):
-        typer.echo("error: kind is dataset, training, pipeline or evaluation", err=True)
+    """Submit a spec; prints the job id (a sweep, {training, runs}: its id, then one training id per run)."""
+    if kind not in ("dataset", "training", "pipeline", "evaluation", "sweep"):
+        typer.echo("error: kind is dataset, training, pipeline, evaluation or sweep", err=True)
         raise typer.Exit(2)
-    if force and kind in ("training", "evaluation"):
+    if wait_ and kind == "sweep":
+        typer.echo("error: --wait follows one job: wait for a sweep's runs with `raysft jobs wait ID`", err=True)
+        raise typer.Exit(2)
+    if force and kind in ("training", "evaluation", "sweep"):
         typer.echo("error: --force prepares a dataset again: it is for dataset and pipeline jobs", err=True)
         raise typer.Exit(2)
     try:
@@ -170,6 +173,8 @@ def submit(kind: Annotated[str, typer.Argument(help="dataset | training | pipeli
     params = {"force": "true"} if force else {}
     job = request("POST", f"/v1/{kind}s", json=body, headers=headers, params=params).json()
     typer.echo(job["id"])
+    for run in job.get("jobs", []):  # a sweep's trainings
+        typer.echo(run["id"])
     if wait_:
         wait(job["id"])
 

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -29,7 +29,7 @@ from jobs.common import run_layout, storage
 from jobs.common.contract import ManifestError
 from jobs.common.spec import SpecError
 from jobs.train.spec import ScalingSpec
-from service import job_outputs, specs, store
+from service import job_outputs, specs, store, sweeps
 from service.ray_jobs import RayJobs, RayUnavailable, UnknownToRay
 from service.settings import Settings
 from service.store import Job, Kind, Status, new_id, now
@@ -142,6 +142,55 @@ class Control:
                 return self._same_request(existing, digest)
         self.submit_pending(job.id)
         return self.get(tenant, job.id)
+
+    def create_sweep(self, tenant: str, body: dict[str, Any], idempotency_key: str | None) -> list[Job]:
+        """One training per run of a sweep (`service.sweeps`), validated and recorded together,
+        then submitted; the first job carries the Idempotency-Key for the whole sweep."""
+        documents = sweeps.run_documents(body)
+        idempotency_key = idempotency_key or None
+        digest = request_hash(Kind.TRAINING, body)
+        if idempotency_key and (existing := self._by_key(tenant, idempotency_key)) is not None:
+            job = self._same_request(existing, digest)
+            return self.sweep(tenant, job.sweep_id) if job.sweep_id else [job]
+        limit = self.settings.tenant_max_active_jobs
+        if (active := self._active_jobs(tenant)) + len(documents) > limit:
+            raise TooManyJobs(f"tenant {tenant} has {active} jobs queued or running and the sweep adds {len(documents)} "
+                              f"(the limit is {limit}); submit it when enough have ended, or with fewer runs",
+                              retry_after_s=max(ACTIVE_LIMIT_RETRY_S, math.ceil(2 * self.settings.reconcile_interval_s)))
+        ids, built, problems = [new_id() for _ in documents], [], []
+        for i, (document, job_id) in enumerate(zip(documents, ids, strict=True)):
+            try:
+                built.append(self._build(tenant, Kind.TRAINING, document, job_id))
+            except SpecError as e:
+                problems += [f"runs.{i}.{p}" for p in e.problems]
+        if problems:
+            raise SpecError(problems)
+        sweep_id, created = new_id(), now()
+        with self.sessions() as session:
+            for i, (job_id, spec) in enumerate(zip(ids, built, strict=True)):
+                session.add(Job(id=job_id, tenant_id=tenant, kind=Kind.TRAINING, status=Status.QUEUED, spec=spec,
+                                request_hash=digest, idempotency_key=idempotency_key if i == 0 else None,
+                                submission_id=f"raysft-{job_id}", sweep_id=sweep_id,
+                                created_at=created + timedelta(microseconds=i)))  # the runs' order
+            try:
+                session.commit()
+            except IntegrityError:  # a concurrent request with the same key won the insert
+                session.rollback()
+                if idempotency_key is None:
+                    raise
+                return self.create_sweep(tenant, body, idempotency_key)
+        for job_id in ids:
+            self.submit_pending(job_id)
+        return self.sweep(tenant, sweep_id)
+
+    def sweep(self, tenant: str, sweep_id: str) -> list[Job]:
+        """A sweep's trainings, in the order of its runs."""
+        with self.sessions() as session:
+            jobs = list(session.scalars(select(Job).where(Job.tenant_id == tenant, Job.sweep_id == sweep_id)
+                                        .order_by(Job.created_at)))
+        if not jobs:
+            raise NotFound(sweep_id)
+        return jobs
 
     def _build(self, tenant: str, kind: Kind, body: dict[str, Any], job_id: str) -> dict[str, Any]:
         files = functools.partial(self._file_uri, tenant)

@@ -51,6 +51,21 @@ def _set(document: dict[str, Any], path: list[str], value: Any) -> str | None:
     return None
 
 
+def set_fields(document: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """The document with each `path: value` set (values as they are, already parsed); every bad
+    path is reported at once."""
+    out, problems = copy.deepcopy(document), []
+    for path, value in values.items():
+        keys = str(path).strip().split(".")
+        if not all(keys):
+            problems.append(f"{path!r}: write a field path such as optim.lr")
+        elif problem := _set(out, keys, value):
+            problems.append(problem)
+    if problems:
+        raise SpecError(problems)
+    return out
+
+
 def apply_overrides(document: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """The document with every `path=value` applied (the input is left alone); every malformed
     override is reported at once."""

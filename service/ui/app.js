@@ -158,12 +158,14 @@ function jobPage(id) {
   const outputs = h("section", { id: "artifacts" });
   const log = h("pre", { id: "log", class: "log" });
   let report = null; // a preparation's report does not change once written
+  let sweep = null; // the runs of the sweep a training belongs to, fixed once created
   const node = h("article", { class: "job" }, header, figures, charts, answers, dataset, outputs,
     h("h2", {}, "Log (last 200 lines)"), log);
 
   async function refresh() {
     const job = await api(`jobs/${id}`);
-    header.replaceChildren(...jobHeader(job));
+    if (job.sweep_id && !sweep) sweep = (await api(`sweeps/${job.sweep_id}`)).jobs.map((j) => j.id);
+    header.replaceChildren(...jobHeader(job, sweep));
     if (trains(job)) {
       const history = await optional(api(`jobs/${id}/metrics`), []);
       figures.replaceChildren(...trainingFigures(job, history));
@@ -184,12 +186,14 @@ function jobPage(id) {
   return { node, refresh };
 }
 
-function jobHeader(job) {
+function jobHeader(job, sweep) {
   return [
     h("h1", {}, `${job.kind} ${jobName(job)} `, badge(job.status)),
     h("p", { class: "meta" }, `${job.id} · created ${formatTime(job.created_at)} · started ${formatTime(job.started_at)}`
       + ` · finished ${formatTime(job.finished_at)}`),
     job.children.length ? h("p", { class: "meta" }, "jobs: ", job.children.map((c) => h("a", { href: `#/jobs/${c}` }, `${c} `))) : "",
+    sweep ? h("p", { class: "meta" }, `one of the ${sweep.length} runs of sweep ${job.sweep_id.slice(0, 8)}: `,
+      h("a", { id: "compare-sweep", href: `#/compare/${sweep.join(",")}` }, "compare them")) : "",
     job.error ? h("p", { class: "error" }, job.error) : "",
     h("div", { class: "progress-line" }, progressBar(job.progress.percent),
       isActive(job) ? h("button", { type: "button", class: "cancel", onclick: () => cancel(job) }, "Cancel") : ""),

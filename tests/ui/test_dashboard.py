@@ -239,3 +239,20 @@ def test_a_thousand_jobs_page_server_side(visit, service, record_property):
     record_property("first_page_s", round(first_page_s, 2))
     record_property("next_page_s", round(next_page_s, 2))
     assert first_page_s < 5 and next_page_s < 2
+
+
+def test_a_sweeps_trainings_link_to_their_comparison(visit, service):
+    sweep, ids = "5" * 32, ["a" * 32, "b" * 32]
+    with service.session() as session:
+        session.add_all(Job(id=job_id, tenant_id="bulk", kind=Kind.TRAINING, status=Status.SUCCEEDED,
+                            spec={"name": f"lr-{n + 1}"}, request_hash="0" * 64, submitted=True, sweep_id=sweep,
+                            created_at=store.now() + timedelta(microseconds=n)) for n, job_id in enumerate(ids))
+        session.commit()
+    page = visit.page
+    visit.sign_in("bulk")
+    page.goto(f"{visit.base}/ui/#/jobs/{ids[1]}")
+    link = page.locator("#compare-sweep")
+    expect(link).to_have_attribute("href", f"#/compare/{ids[0]},{ids[1]}")
+    expect(page.locator(".job-header")).to_contain_text("one of the 2 runs of sweep 55555555")
+    link.click()
+    expect(page).to_have_url(f"{visit.base}/ui/#/compare/{ids[0]},{ids[1]}")

@@ -60,3 +60,15 @@ def test_the_job_entrypoints_take_overrides(tmp_path, capsys):
     assert prepare(["--spec", dataset, "--set", "max_seq_length=-1", "--set", "val_ratio"]) == 2
     err = capsys.readouterr().err
     assert "--set 'val_ratio'" in err
+
+
+def test_fields_are_set_by_path_with_their_values_as_given():
+    from jobs.common.overrides import set_fields
+
+    document = {"optim": {"lr": 0.01}, "datasets": [{"uri": "a"}]}
+    assert set_fields(document, {"optim.lr": 2e-4, "datasets.0.weight": 2, "lora.r": 16}) == {
+        "optim": {"lr": 2e-4}, "datasets": [{"uri": "a", "weight": 2}], "lora": {"r": 16}}
+    assert document == {"optim": {"lr": 0.01}, "datasets": [{"uri": "a"}]}  # left alone
+    with pytest.raises(SpecError) as err:
+        set_fields(document, {"datasets.3.weight": 2, "optim.lr.x": 1})
+    assert len(err.value.problems) == 2

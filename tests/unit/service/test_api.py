@@ -409,3 +409,37 @@ def test_an_evaluation_names_a_trainings_export_and_a_dataset_by_job_id_and_repo
     outside = client.post("/v1/evaluations", json=body | {"adapter": "s3://elsewhere/adapter", "output": "s3://x/y"},
                           headers=auth(client)).json()["detail"]["problems"]
     assert any(p.startswith("adapter: not readable") for p in outside) and any(p.startswith("output:") for p in outside)
+
+
+def test_a_sweep_makes_one_training_per_run_validated_together_and_kept_together(client, ray, data_dir):
+    dataset = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client)).json()
+    ray.set(f"raysft-{dataset['id']}", Status.SUCCEEDED)
+    reconcile(client)
+    training = training_body(data_dir, datasets=[{"uri": f"job:{dataset['id']}"}])
+    body = {"training": training, "runs": [{"optim.lr": 1e-4}, {"optim.lr": 2e-4, "lora.r": 16}, {"optim.lr": 5e-4}]}
+    created = client.post("/v1/sweeps", json=body, headers=auth(client))
+    assert created.status_code == 202, created.text
+    sweep = created.json()
+    assert [j["spec"]["optim"]["lr"] for j in sweep["jobs"]] == [1e-4, 2e-4, 5e-4]
+    assert [j["spec"]["name"] for j in sweep["jobs"]] == ["lora-1", "lora-2", "lora-3"]
+    assert [j["spec"]["lora"]["r"] for j in sweep["jobs"]] == [8, 16, 8]
+    assert {j["sweep_id"] for j in sweep["jobs"]} == {sweep["id"]}
+    assert {f"raysft-{j['id']}" for j in sweep["jobs"]} <= set(ray.jobs)
+    assert client.get(f"/v1/sweeps/{sweep['id']}", headers=auth(client)).json() == sweep
+    assert client.get(f"/v1/jobs/{sweep['jobs'][1]['id']}", headers=auth(client)).json()["sweep_id"] == sweep["id"]
+    assert client.get(f"/v1/sweeps/{sweep['id']}", headers=auth(client, "globex")).status_code == 404
+
+    # The same Idempotency-Key returns the same sweep; nothing more is submitted.
+    keyed = {**auth(client), "Idempotency-Key": "sweep-1"}
+    first = client.post("/v1/sweeps", json=body, headers=keyed).json()
+    submitted = len(ray.jobs)
+    assert client.post("/v1/sweeps", json=body, headers=keyed).json() == first and len(ray.jobs) == submitted
+
+    # Every run's problems at once, with the run's index; nothing recorded.
+    bad = {"training": training, "runs": [{"optim.lr": -1}, {"optim.lr": 1e-4}, {"lora.rank": 4, "epochs.x": 1}]}
+    problems = client.post("/v1/sweeps", json=bad, headers=auth(client)).json()["detail"]["problems"]
+    assert any(p.startswith("runs.0.optim.lr") for p in problems)
+    assert any(p.startswith("runs.2.lora.rank") for p in problems) and any(p.startswith("runs.2.epochs") for p in problems)
+    assert client.get("/v1/jobs?kind=training", headers=auth(client)).json()["total"] == 6
+    assert client.post("/v1/sweeps", json={"training": training}, headers=auth(client)).json()["detail"]["problems"] == [
+        "runs: required, a list of 1 to 64 mappings of field paths to values (e.g. [{optim.lr: 1.0e-4}, {optim.lr: 2.0e-4}])"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from support.service import ADMIN_KEY, RecordingRay, dataset_body, service_settings
+from support.service import ADMIN_KEY, RecordingRay, dataset_body, service_settings, training_body
 from typer.main import get_command
 from typer.testing import CliRunner
 
@@ -182,3 +182,19 @@ def test_submit_set_overrides_a_field_without_editing_the_file(service, tmp_path
     assert malformed.exit_code == 2 and "write path.to.field=value" in malformed.output
     invalid = run("submit", "dataset", str(spec), "--set", "max_seq_length=-1")
     assert invalid.exit_code == 2 and "max_seq_length" in invalid.output
+
+
+def test_submit_sweep_prints_its_id_then_one_training_per_run(service, tmp_path):
+    dataset = tmp_path / "demo.yaml"
+    dataset.write_text(json.dumps(dataset_body(service.data_dir)))
+    dataset_id = run("submit", "dataset", str(dataset)).output.strip()
+    service.state.control.ray.set(f"raysft-{dataset_id}", store.Status.SUCCEEDED)
+    service.state.control.reconcile_once()
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(json.dumps({"training": training_body(service.data_dir, datasets=[{"uri": f"job:{dataset_id}"}]),
+                                 "runs": [{"optim.lr": 1e-4}, {"optim.lr": 2e-4}]}))
+    submitted = run("submit", "sweep", str(sweep))
+    assert submitted.exit_code == 0, submitted.output
+    sweep_id, *trainings = submitted.output.split()
+    assert len(trainings) == 2
+    assert [json.loads(run("jobs", "get", t).output)["sweep_id"] for t in trainings] == [sweep_id] * 2
