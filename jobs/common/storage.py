@@ -2,6 +2,8 @@
 
 S3-compatible servers (MinIO, moto) are reached through the standard `AWS_ENDPOINT_URL`
 (or `AWS_ENDPOINT_URL_S3`); credentials come from the usual AWS environment or instance role.
+Google Cloud Storage uses the usual Google credentials, or, with `STORAGE_EMULATOR_HOST` set (as
+Google's own clients read it), that emulator without credentials.
 """
 
 from __future__ import annotations
@@ -24,8 +26,16 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         return pafs.S3FileSystem(endpoint_override=endpoint, region=region), uri[len("s3://"):].rstrip("/")
     if uri.startswith("gs://"):
-        return pafs.GcsFileSystem(), uri[len("gs://"):].rstrip("/")
+        return gcs(), uri[len("gs://"):].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def gcs() -> pafs.GcsFileSystem:
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if not emulator:
+        return pafs.GcsFileSystem()
+    scheme, _, host = emulator.rpartition("://")
+    return pafs.GcsFileSystem(anonymous=True, scheme=scheme or "http", endpoint_override=host)
 
 
 def is_remote(uri: str) -> bool:
