@@ -78,6 +78,8 @@ class JobOut(BaseModel):
                                       "checkpoints, metrics, exported model and adapter.")
     children: list[str] = Field(default_factory=list, description="A pipeline's dataset and training job ids.")
     sweep_id: str | None = Field(None, description="The sweep that created this training (GET /v1/sweeps/{id}).")
+    evaluates: str | None = Field(None, description="The training (or pipeline) an evaluation scores, where its spec "
+                                  "named it `job:<id>`.")
     spec: dict[str, Any]
 
 
@@ -104,7 +106,8 @@ def job_out(job: Job, children: list[Job] = ()) -> JobOut:
                   started_at=utc(job.started_at), finished_at=utc(job.finished_at),
                   progress=Progress.model_validate({k: v for k, v in cached.items() if k in Progress.model_fields}),
                   metrics=cached.get("metrics"), artifacts=cached.get("artifacts", {}),
-                  children=[c.id for c in children], sweep_id=job.sweep_id, spec=job.spec)
+                  children=[c.id for c in children], sweep_id=job.sweep_id, evaluates=job.evaluates,
+                  spec=job.spec)
 
 
 # An output already prepared from the same spec, input files and tokenizer is reused (reported as
@@ -179,8 +182,10 @@ def get_sweep(control: ControlDep, tenant: TenantDep, sweep_id: str) -> SweepOut
 
 @router.get("/jobs", response_model=JobPage)
 def list_jobs(control: ControlDep, tenant: TenantDep, kind: Kind | None = None, status_: Status | None = Query(None, alias="status"),
-              limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=10**9)) -> JobPage:
-    jobs, total = control.list(tenant, kind, status_, limit, offset)
+              limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=10**9),
+              evaluates: str | None = Query(None, max_length=32, description="Only the evaluations of this training job.")
+              ) -> JobPage:
+    jobs, total = control.list(tenant, kind, status_, limit, offset, evaluates)
     return JobPage(items=[job_out(j) for j in jobs], total=total, limit=limit, offset=offset)
 
 

@@ -128,7 +128,8 @@ class Control:
         with self.sessions() as session:
             job = Job(id=job_id, tenant_id=tenant, kind=kind, status=Status.QUEUED, spec=spec, request_hash=digest,
                       idempotency_key=idempotency_key, force=force,
-                      submission_id=f"raysft-{job_id}" if kind is not Kind.PIPELINE else None)
+                      submission_id=f"raysft-{job_id}" if kind is not Kind.PIPELINE else None,
+                      evaluates=specs.evaluated_job(body) if kind is Kind.EVALUATION else None)
             session.add(job)
             if kind is Kind.PIPELINE:
                 session.add(self._child(job, Kind.DATASET, spec["dataset"]))
@@ -335,10 +336,13 @@ class Control:
         with self.sessions() as session:
             return list(session.scalars(select(Job).where(Job.parent_id == job.id).order_by(Job.created_at)))
 
-    def list(self, tenant: str, kind: Kind | None, status: Status | None, limit: int, offset: int) -> tuple[list[Job], int]:
+    def list(self, tenant: str, kind: Kind | None, status: Status | None, limit: int, offset: int,
+             evaluates: str | None = None) -> tuple[list[Job], int]:
         from sqlalchemy import func
 
         query = select(Job).where(Job.tenant_id == tenant, Job.parent_id.is_(None))
+        if evaluates is not None:
+            query = query.where(Job.evaluates == evaluates)
         if kind is not None:
             query = query.where(Job.kind == kind)
         if status is not None:

@@ -122,6 +122,15 @@ def _job_ref(body: dict[str, Any], path: tuple[str, ...], resolve: Callable[[str
     return []
 
 
+def evaluated_job(body: dict[str, Any]) -> str | None:
+    """The training an evaluation request names by `job:<id>` (its adapter, else its model)."""
+    model = body.get("model")
+    for value in (body.get("adapter"), model.get("uri") if isinstance(model, dict) else None):
+        if isinstance(value, str) and value.startswith(JOB_REF):
+            return value[len(JOB_REF):]
+    return None
+
+
 def evaluation_spec(body: dict[str, Any], policy: UriPolicy, tenant: str, job_id: str,
                     dataset_output: Callable[[str], str], training_export: Callable[[str, str], str],
                     trusted_models: list[str]) -> EvaluationSpec:

@@ -109,6 +109,7 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     sweep_id: Mapped[str | None] = mapped_column(String(32), index=True)  # the trainings of one sweep
+    evaluates: Mapped[str | None] = mapped_column(String(32), index=True)  # an evaluation's training (job:<id>)
     submission_id: Mapped[str | None] = mapped_column(String(64), unique=True)  # the Ray job's
     submitted: Mapped[bool] = mapped_column(default=False)  # Ray has accepted it
     # A dataset job (or a pipeline's preparation) that prepares again instead of reusing an

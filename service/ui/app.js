@@ -154,12 +154,13 @@ function jobPage(id) {
   const figures = h("div", { class: "stats" });
   const charts = h("div", { class: "charts" });
   const answers = h("section", { id: "answers" });
+  const evaluations = h("section", { id: "evaluations" });
   const dataset = h("section", { id: "dataset" });
   const outputs = h("section", { id: "artifacts" });
   const log = h("pre", { id: "log", class: "log" });
   let report = null; // a preparation's report does not change once written
   let sweep = null; // the runs of the sweep a training belongs to, fixed once created
-  const node = h("article", { class: "job" }, header, figures, charts, answers, dataset, outputs,
+  const node = h("article", { class: "job" }, header, figures, charts, answers, evaluations, dataset, outputs,
     h("h2", {}, "Log (last 200 lines)"), log);
 
   async function refresh() {
@@ -171,6 +172,8 @@ function jobPage(id) {
       figures.replaceChildren(...trainingFigures(job, history));
       charts.replaceChildren(...trainingCharts(history));
       answers.replaceChildren(...generations(history));
+      const scored = await optional(api("jobs", { query: { kind: "evaluation", evaluates: id } }), null);
+      evaluations.replaceChildren(...evaluationsOf(scored ? scored.items : []));
     }
     if (job.kind === "evaluation") answers.replaceChildren(...evaluationReport(job));
     if (prepares(job) && !report) {
@@ -192,6 +195,8 @@ function jobHeader(job, sweep) {
     h("p", { class: "meta" }, `${job.id} · created ${formatTime(job.created_at)} · started ${formatTime(job.started_at)}`
       + ` · finished ${formatTime(job.finished_at)}`),
     job.children.length ? h("p", { class: "meta" }, "jobs: ", job.children.map((c) => h("a", { href: `#/jobs/${c}` }, `${c} `))) : "",
+    job.evaluates ? h("p", { class: "meta" }, "evaluates the training ",
+      h("a", { id: "evaluated", href: `#/jobs/${job.evaluates}` }, job.evaluates)) : "",
     sweep ? h("p", { class: "meta" }, `one of the ${sweep.length} runs of sweep ${job.sweep_id.slice(0, 8)}: `,
       h("a", { id: "compare-sweep", href: `#/compare/${sweep.join(",")}` }, "compare them")) : "",
     job.error ? h("p", { class: "error" }, job.error) : "",
@@ -267,6 +272,16 @@ function evaluationReport(job) {
       h("tbody", {}, answers.map((g, i) => h("tr", {}, h("td", {}, g.prompt), h("td", { class: "answer" }, g.answer),
         base ? h("td", { class: "answer" }, baseAnswers[i]?.answer ?? "") : "")))) : "",
   ];
+}
+
+// A training's evaluations (jobs whose spec named it `job:<id>`), each with its figure beside the base model's.
+function evaluationsOf(jobs) {
+  if (!jobs.length) return [];
+  const loss = (figures) => formatNumber(figures?.eval_loss);
+  return [h("h2", {}, "Evaluations"),
+    h("table", { class: "facts" }, h("thead", {}, h("tr", {}, ["evaluation", "status", "eval loss", "base model's"].map((c) => h("th", {}, c)))),
+      h("tbody", {}, jobs.map((e) => h("tr", {}, h("td", {}, h("a", { href: `#/jobs/${e.id}` }, jobName(e))), h("td", {}, badge(e.status)),
+        h("td", {}, loss(e.metrics?.metrics)), h("td", {}, loss(e.metrics?.base_metrics))))))];
 }
 
 function artifacts(found) {

@@ -190,6 +190,10 @@ def test_a_pipeline_is_watched_trained_cancelled_and_compared(visit, service, ke
     expect(page.locator("#answers td.answer")).to_have_count(2)
     assert page.locator("#dataset").inner_text() == ""  # an evaluation prepares no dataset
     visit.shot("job-evaluation")
+    # Beside the training it came from: each links to the other.
+    page.click("#evaluated")
+    expect(page.locator("#evaluations")).to_contain_text("short-eval")
+    expect(page.locator(f"#evaluations a[href='#/jobs/{evaluation['id']}']")).to_have_count(1)
 
     # Another tenant's key: no jobs, and the pipeline's page is not found.
     page.click("#sign-out")

@@ -1,4 +1,5 @@
-"""Jobs: `sweep_id`, the trainings one sweep created (POST /v1/sweeps).
+"""Jobs: `sweep_id`, the trainings one sweep created (POST /v1/sweeps); `evaluates`, the training
+an evaluation scores (named `job:<id>` in its spec).
 
 Revision ID: 0005
 Revises: 0004
@@ -17,10 +18,14 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("sweep_id", sa.String(32), nullable=True))
+        batch.add_column(sa.Column("evaluates", sa.String(32), nullable=True))
         batch.create_index("ix_jobs_sweep_id", ["sweep_id"])
+        batch.create_index("ix_jobs_evaluates", ["evaluates"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_index("ix_jobs_evaluates")
         batch.drop_index("ix_jobs_sweep_id")
+        batch.drop_column("evaluates")
         batch.drop_column("sweep_id")

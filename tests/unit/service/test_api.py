@@ -388,7 +388,9 @@ def test_an_evaluation_names_a_trainings_export_and_a_dataset_by_job_id_and_repo
     reconcile(client)
     assert client.post("/v1/evaluations", json=body, headers=auth(client, "globex")).status_code == 422
     job = client.post("/v1/evaluations", json=body, headers=auth(client)).json()
-    assert job["kind"] == "evaluation"
+    assert job["kind"] == "evaluation" and job["evaluates"] == training["id"]
+    listed = client.get(f"/v1/jobs?evaluates={training['id']}", headers=auth(client)).json()["items"]
+    assert [j["id"] for j in listed] == [job["id"]]
     run = training["spec"]["checkpoint"]["storage"] + "/lora"
     assert job["spec"]["adapter"] == f"{run}/export/adapter" and job["spec"]["dataset"] == dataset["spec"]["output"]
     assert job["spec"]["output"] == str(data_dir.absolute() / f"artifacts/tenants/acme/jobs/{job['id']}/evaluation")
