@@ -74,9 +74,17 @@ def test_spec_hash_ignores_layout():
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
-    assert path.parent.name in ("datasets", "training", "pipelines", "evaluation"), \
-        f"{path}: configs/ holds datasets/, training/, pipelines/ and evaluation/ specs"
+    assert path.parent.name in ("datasets", "training", "pipelines", "evaluation", "sweeps"), \
+        f"{path}: configs/ holds datasets/, training/, pipelines/, evaluation/ and sweeps/ specs"
     assert path.read_text().startswith("#"), "every preset opens with a comment giving its command"
+    if path.parent.name == "sweeps":  # each run's training, as the service fills it in
+        from jobs.train.spec import load_training_spec
+        from service.sweeps import run_documents
+
+        for run in run_documents(yaml.safe_load(path.read_text())):
+            load_training_spec(run | {"datasets": [{"uri": "d"}], "checkpoint": run["checkpoint"] | {"storage": "c"}})
+        assert "raysft submit sweep" in path.read_text().split("\ntraining:")[0]
+        return
     if path.parent.name == "evaluation":
         from jobs.evaluate.spec import load_evaluation_spec
 
