@@ -33,6 +33,13 @@ def hf_id(uri: str) -> tuple[str, str | None] | None:
     return None
 
 
+def unreachable(error: Exception) -> str:
+    """Why the Hub could not give a repository: offline and not cached, or the Hub's own answer."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set and it is not in the cache"
+    return f"{type(error).__name__}: {error}"
+
+
 def resolve(uri: str) -> str:
     """A local directory holding the model for a Hugging Face id; any other URI unchanged."""
     named = hf_id(uri)
@@ -45,10 +52,8 @@ def resolve(uri: str) -> str:
     try:
         return snapshot_download(repo, revision=revision, allow_patterns=MODEL_FILES)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else f"{type(e).__name__}: {e}"
         raise ModelNotFound(
-            f"{uri!r} is neither a local path nor a Hugging Face model this node can get ({why}). Provide it one "
+            f"{uri!r} is neither a local path nor a Hugging Face model this node can get ({unreachable(e)}). Provide it one "
             f"of these ways: download it ahead of time into the cache the cluster shares (HF_HOME; "
             f"`huggingface-cli download {repo}`), copy the model directory to s3:// and name that, or convert a "
             "GGUF file with `python -m jobs.import_model FILE.gguf DIR` and name DIR") from None

@@ -10,6 +10,7 @@ as it is (`Translate: hello` stays text).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 from collections.abc import Iterable
@@ -81,3 +82,13 @@ def apply_overrides(document: dict[str, Any], overrides: Iterable[str]) -> dict[
     if problems:
         raise SpecError(problems)
     return out
+
+
+def job_arguments(prog: str, description: str, kind: str, example: str) -> argparse.ArgumentParser:
+    """The arguments every job takes: its spec, `--set` overrides, and the size of a local cluster."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--spec", required=True, help=f"{kind} spec: a YAML/JSON file or inline JSON")
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
+                        help=f"override a spec field, e.g. --set {example} (repeatable)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
+    return parser

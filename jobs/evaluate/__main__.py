@@ -9,11 +9,11 @@ Exit codes: 0 done, 2 invalid spec (every problem listed with its field path).""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from typing import Any
 
+from jobs.common.overrides import job_arguments
 from jobs.common.spec import SpecError
 from jobs.evaluate.driver import evaluate_model
 from jobs.evaluate.spec import REPORT_FILE, load_evaluation_spec
@@ -34,11 +34,8 @@ def summary(report: dict[str, Any], output: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spec", required=True, help="evaluation spec: a YAML/JSON file or inline JSON")
-    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
-                        help="override a spec field, e.g. --set adapter=runs/x/export/adapter (repeatable)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
+    parser = job_arguments("python -m jobs.evaluate", __doc__.split("\n\n")[0], "evaluation",
+                           "adapter=runs/x/export/adapter")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:

@@ -21,12 +21,12 @@ from typing import Any
 
 import ray
 
-from jobs.common import model_source, ray_runtime, storage, tokenizer_files
+from jobs.common import model_source, ray_runtime, storage
 from jobs.common.contract import TOKEN_COLUMNS, Manifest, ManifestError, read_manifest
 from jobs.common.spec import SpecError
 from jobs.evaluate.spec import REPORT_FILE, EvaluationSpec
 from jobs.train.evaluate import EvalSums
-from jobs.train.preflight import missing_model
+from jobs.train.preflight import model_tokenizer_sha256
 
 log = logging.getLogger("raysft.evaluate")
 
@@ -44,12 +44,7 @@ class Shard:
 
 def check(spec: EvaluationSpec) -> Manifest | None:
     """The dataset's manifest, after checking that the model exists and tokenized it."""
-    try:
-        model_sha = tokenizer_files.sha256(tokenizer_files.fetch(spec.model.uri))
-    except model_source.ModelNotFound as e:
-        raise SpecError([f"model.uri: {e}"]) from None
-    except OSError as e:
-        raise SpecError([missing_model(spec.model.uri, e)]) from None
+    model_sha = model_tokenizer_sha256(spec.model.uri)
     if spec.dataset is None:
         return None
     try:

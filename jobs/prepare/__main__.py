@@ -11,10 +11,10 @@ Exit codes: 0 done, 1 too many invalid rows (max_reject_ratio), 2 invalid spec.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+from jobs.common.overrides import job_arguments
 from jobs.common.spec import SpecError
 from jobs.prepare import manifest as mf
 from jobs.prepare.driver import RejectRatioExceeded, prepare
@@ -23,11 +23,7 @@ from jobs.prepare.spec import load_spec
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spec", required=True, help="dataset spec: a YAML/JSON file or inline JSON")
-    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
-                        help="override a spec field, e.g. --set max_seq_length=2048 (repeatable)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
+    parser = job_arguments("python -m jobs.prepare", __doc__.split("\n\n")[0], "dataset", "max_seq_length=2048")
     parser.add_argument("--batch-size", type=int, default=Options.batch_size, help="rows per tokenizer call")
     parser.add_argument("--blocks", type=int, default=None, help="repartition parsed rows into N blocks before tokenizing")
     parser.add_argument("--in-process-max-bytes", type=int, default=Options.in_process_max_bytes,

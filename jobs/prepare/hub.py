@@ -15,8 +15,9 @@ the revision's commit, make the cache key). Only the data files chosen are fetch
 from __future__ import annotations
 
 import fnmatch
-import os
 from pathlib import Path
+
+from jobs.common.model_source import unreachable
 
 DATASET_SCHEME = "hf://datasets/"
 DATA_EXTENSIONS = (".parquet", ".jsonl", ".json", ".csv", ".txt")
@@ -70,10 +71,8 @@ def fetch(uri: str, subset: str | None = None, split: str | None = None) -> list
         # allow_patterns matches as `chosen` does (fnmatch, `*` crossing `/`): only these files are fetched.
         snapshot = Path(snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else f"{type(e).__name__}: {e}"
         raise DatasetNotFound(
-            f"{uri!r} is not a Hugging Face dataset this node can get ({why}). Download it ahead of time into the "
+            f"{uri!r} is not a Hugging Face dataset this node can get ({unreachable(e)}). Download it ahead of time into the "
             f"cache the job uses (HF_HOME; `huggingface-cli download --repo-type dataset {repo}`), or copy its "
             "files to s3:// and name that") from None
     files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]

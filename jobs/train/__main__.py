@@ -11,13 +11,13 @@ ready to serve). A rerun with the same name resumes from its latest checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import sys
 
 from jobs.common import run_layout, storage
+from jobs.common.overrides import job_arguments
 from jobs.common.spec import SpecError
 from jobs.train.driver import IN_MEMORY_MAX_BYTES, dry_run, train
 from jobs.train.spec import TrainingSpec, load_training_spec
@@ -39,12 +39,8 @@ def report(result, spec: TrainingSpec) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spec", required=True, help="training spec: a YAML/JSON file or inline JSON")
-    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="overrides",
-                        help="override a spec field, e.g. --set optim.lr=2e-4 (repeatable)")
+    parser = job_arguments("python -m jobs.train", __doc__.split("\n\n")[0], "training", "optim.lr=2e-4")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster (ignored with RAY_ADDRESS)")
     parser.add_argument("--in-memory-max-bytes", type=int, default=IN_MEMORY_MAX_BYTES,
                         help="splits up to this size are read once and held in memory (0: always stream)")
     args = parser.parse_args(argv)

@@ -81,12 +81,7 @@ def tracking_problems(spec: TrainingSpec, installed: Callable[[str], bool], env:
 def check_datasets(spec: TrainingSpec) -> list[Manifest]:
     """Every dataset is a succeeded preparation tokenized by the model's tokenizer; returns the manifests."""
     problems, manifests = [], []
-    try:
-        model_sha = tokenizer_files.sha256(tokenizer_files.fetch(spec.model.uri))
-    except model_source.ModelNotFound as e:
-        raise SpecError([f"model.uri: {e}"]) from None
-    except OSError as e:
-        raise SpecError([missing_model(spec.model.uri, e)]) from None
+    model_sha = model_tokenizer_sha256(spec.model.uri)
     for i, ref in enumerate(spec.datasets):
         try:
             manifest = read_manifest(ref.uri)
@@ -102,6 +97,17 @@ def check_datasets(spec: TrainingSpec) -> list[Manifest]:
     if problems:
         raise SpecError(problems)
     return manifests
+
+
+def model_tokenizer_sha256(uri: str) -> str:
+    """The fingerprint of the model's tokenizer, which every dataset it reads must carry; a model
+    that cannot be found is a spec problem saying how to provide it."""
+    try:
+        return tokenizer_files.sha256(tokenizer_files.fetch(uri))
+    except model_source.ModelNotFound as e:
+        raise SpecError([f"model.uri: {e}"]) from None
+    except OSError as e:
+        raise SpecError([missing_model(uri, e)]) from None
 
 
 def missing_model(uri: str, error: Exception) -> str:
