@@ -17,6 +17,9 @@ from __future__ import annotations
 import fnmatch
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.fs as pafs
+
 from jobs.common.model_source import unreachable
 
 DATASET_SCHEME = "hf://datasets/"
@@ -58,7 +61,8 @@ def chosen(files: list[str], patterns: list[str]) -> list[str]:
 
 
 def fetch(uri: str, subset: str | None = None, split: str | None = None) -> list[str]:
-    """Local paths (in the Hub cache) of the files a source reads, fetched if need be."""
+    """The files a source reads, fetched into this node's cache, as `HubCache` paths (pinned to
+    the commit the revision names now)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -81,4 +85,56 @@ def fetch(uri: str, subset: str | None = None, split: str | None = None) -> list
         what = f"path {path!r}" if path else f"split {split or 'train'!r}" + (f" of subset {subset!r}" if subset else "")
         raise DatasetNotFound(f"{uri!r} has no data files for {what} (looked for {', '.join(patterns[:4])}, ...): "
                               "name the files as hf://datasets/org/name/path/in/repo, or set hub_split / subset")
-    return [str(snapshot / f) for f in found]
+    return [f"{repo}@{snapshot.name}/{f}" for f in found]  # the snapshot's directory is named by its commit
+
+
+class HubCache(pafs.FileSystemHandler):
+    """The files of Hub dataset snapshots, as `org/name@commit/path/in/repo`, read from the Hugging
+    Face cache of the node that reads them and fetched into it where missing: whichever node a
+    read task runs on gets its file itself (the same commit, so the same bytes). Read-only."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HubCache)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def get_type_name(self) -> str:
+        return "hf-datasets"
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    @staticmethod
+    def local(path: str) -> str:
+        from huggingface_hub import hf_hub_download
+
+        named, _, file = path.partition("/")[2].partition("/")
+        repo = f"{path.partition('/')[0]}/{named.partition('@')[0]}"
+        return hf_hub_download(repo, file, repo_type="dataset", revision=named.partition("@")[2])
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        infos = []
+        for path in paths:
+            found = pafs.LocalFileSystem().get_file_info(self.local(path))
+            infos.append(pafs.FileInfo(path, type=found.type, size=found.size, mtime_ns=found.mtime_ns))
+        return infos
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        raise NotImplementedError("a Hub dataset's files are named one by one (jobs.prepare.hub.fetch)")
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return pa.OSFile(self.local(path), mode="r")
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return pa.OSFile(self.local(path), mode="r")
+
+    def _read_only(self, *args: object) -> None:
+        raise OSError("Hub datasets are read-only here")
+
+    create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = delete_file = _read_only
+    move = copy_file = open_output_stream = open_append_stream = _read_only
+
+
+def filesystem() -> pafs.FileSystem:
+    return pafs.PyFileSystem(HubCache())

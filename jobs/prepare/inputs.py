@@ -71,7 +71,7 @@ def locate_inputs(spec: DatasetSpec) -> Located:
     for i, source in enumerate(spec.sources):
         try:
             if hub.is_hub_dataset(source.uri):
-                fs, _ = storage.filesystem(".")
+                fs = hub.filesystem()
                 infos = fs.get_file_info(hub.fetch(source.uri, source.subset, source.hub_split))
             else:
                 fs, infos = storage.expand(source.uri)

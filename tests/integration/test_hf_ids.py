@@ -90,10 +90,11 @@ def test_a_dataset_on_the_hub_is_read_from_its_cache_by_split_and_subset(hub_dat
     assert manifest["counts"]["samples"] == {"train": rows - 10, "val": 10}
     assert manifest["split_origins"]["val"] == ["hf://datasets/raysft/chats (all)"]
 
-    # A path in the repository names the files outright; an absent split is a spec problem with its fix.
+    # A path in the repository names the files outright, here read by Ray Data's tasks (each reads
+    # its file from its node's Hub cache); an absent split is a spec problem with its fix.
     by_path = spec | {"output": str(tmp_path / "by-path"),
                       "sources": [{"uri": "hf://datasets/raysft/chats/data/test-*.parquet"}]}
-    proc = run(["-m", "jobs.prepare", "--spec", json.dumps(by_path)], hub_dataset)
+    proc = run(["-m", "jobs.prepare", "--spec", json.dumps(by_path), "--in-process-max-bytes", "0"], hub_dataset)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "by-path/manifest.json").read_text())["counts"]["rows_read"] == 10
     absent = spec | {"sources": [{"uri": "hf://datasets/raysft/chats", "hub_split": "validation"},
