@@ -68,7 +68,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check jobs service tests benchmarks
 	$(PY) -m pytest -q -m "not slow"
 
-# The long runs make test leaves out (pytest marker `slow`, about 25 minutes): the preparation driver
+# The long runs make test leaves out (pytest marker `slow`, about 23 minutes): the preparation driver
 # with its address space capped, a killed tokenize task, training killed and resumed exactly
 # (splits held in memory and streamed, and in a second epoch), failed checkpoint uploads, the FSDP2
 # engine against DDP and ZeRO-2 and through its faults, gs:// against a GCS emulator, and every
@@ -106,7 +106,7 @@ image: $(STAMP)
 	FRESH=$(FRESH) scripts/image.sh
 
 # Containers of the image as a Ray cluster (a head, two workers, the control plane; no shared volume,
-# S3 as the only storage), driven through REST and `ray job submit` (about 11 minutes).
+# S3 as the only storage), driven through REST and `ray job submit` (about 9 minutes).
 test-cluster: image
 	$(PY) -m pytest -q tests/cluster
 
