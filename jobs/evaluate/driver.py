@@ -127,7 +127,7 @@ def score(shard: Shard) -> dict[str, Any]:
 
 
 def evaluate_model(spec: EvaluationSpec, num_cpus: int | None = None) -> dict[str, Any]:
-    """Check, score on Ray workers, and write the report (`output/evaluation.json`); returns it."""
+    """Check, score on Ray workers, and write the report (`evaluation.json` under `spec.output`); returns it."""
     started = time.perf_counter()
     spec = with_absolute_paths(spec)
     manifest = check(spec)
