@@ -1,4 +1,4 @@
-"""Request dependencies: the control plane, the caller's tenant, and a spec body."""
+"""Request dependencies: the control plane's core, the caller's tenant, and a spec body."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import yaml
 from fastapi import Depends, Header, HTTPException, Request, status
 from starlette.concurrency import run_in_threadpool
 
-from service.control import Control
+from service.core.context import Core
 
 
-def get_control(request: Request) -> Control:
-    return request.app.state.control
+def get_core(request: Request) -> Core:
+    return request.app.state.core
 
 
-ControlDep = Annotated[Control, Depends(get_control)]
+CoreDep = Annotated[Core, Depends(get_core)]
 
 
-async def current_tenant(request: Request, control: ControlDep,
+async def current_tenant(request: Request, core: CoreDep,
                          authorization: Annotated[str | None, Header()] = None) -> str:
     """Bearer API key → tenant, within the tenant's request rate. Keys are stored hashed; an
     unknown key is a 401 like a missing one. A key seen lately is answered from memory here, on
@@ -31,7 +31,7 @@ async def current_tenant(request: Request, control: ControlDep,
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer API key",
                             headers={"WWW-Authenticate": "Bearer"})
     key = key.strip()
-    tenant = control.known_tenant(key) or await run_in_threadpool(control.tenant_for_key, key)
+    tenant = core.keys.known_tenant(key) or await run_in_threadpool(core.keys.tenant_for_key, key)
     if tenant is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
     if wait_s := request.app.state.request_rate.take(tenant):

@@ -10,9 +10,23 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class FineTunableModel(BaseModel):
+    """A base model the OpenAI-compatible surface offers for fine-tuning (`model` in POST
+    /openai/v1/fine_tuning/jobs), and the defaults its jobs start from."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(description="The model (and tokenizer) as specs name it: a path, s3://, or hf://org/name.")
+    dataset: dict[str, Any] = Field(default_factory=dict, description="Dataset spec fields for its preparations "
+                                    "(max_seq_length, packing, template...); the sources are the job's files.")
+    training: dict[str, Any] = Field(default_factory=dict, description="Training spec fields its trainings start "
+                                     "from (method, lora, strategy, scaling, optim.lr...); the job's hyperparameters "
+                                     "are applied over them.")
 
 
 class Settings(BaseSettings):
@@ -49,11 +63,17 @@ class Settings(BaseSettings):
     tenant_requests_per_s: float = Field(20.0, gt=0, description="Sustained requests per second per tenant "
                                          "(per replica); more get 429 with Retry-After.")
     tenant_request_burst: int = Field(40, ge=1, description="Requests a tenant may send at once after a quiet spell.")
+    openai_models: dict[str, FineTunableModel] = Field(default_factory=dict, description="The base models the "
+                                                       "OpenAI-compatible surface fine-tunes, by the name clients "
+                                                       "send as `model` (JSON: {\"name\": {\"uri\": ...}}).")
     key_cache_ttl_s: float = Field(10.0, ge=0, description="How long a replica remembers an API key it has "
                                    "looked up: a revoked key is refused by every replica within this many seconds.")
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
+        if bad := [name for name in self.openai_models if not name or ":" in name or "/" in name]:
+            raise ValueError(f"openai_models: {bad} cannot be model names: fine-tuned models are named "
+                             "ft:<base>:<tenant>:<suffix>:<job>, so a base's name has no ':' or '/'")
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'raysft.db').absolute()}"
         if not self.artifact_root:

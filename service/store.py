@@ -91,6 +91,7 @@ class File(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     uri: Mapped[str] = mapped_column(Text)
+    purpose: Mapped[str | None] = mapped_column(String(32))  # `fine-tune` for an OpenAI upload
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
@@ -110,6 +111,8 @@ class Job(Base):
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     sweep_id: Mapped[str | None] = mapped_column(String(32), index=True)  # the trainings of one sweep
     evaluates: Mapped[str | None] = mapped_column(String(32), index=True)  # an evaluation's training (job:<id>)
+    # The OpenAI fine-tuning request a pipeline came from, as OpenAI reports it back (service.openai).
+    fine_tuning: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     submission_id: Mapped[str | None] = mapped_column(String(64), unique=True)  # the Ray job's
     submitted: Mapped[bool] = mapped_column(default=False)  # Ray has accepted it
     # A dataset job (or a pipeline's preparation) that prepares again instead of reusing an

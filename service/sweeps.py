@@ -1,7 +1,7 @@
 """Sweeps: one training spec and a list of runs, each a mapping of field paths to values
 (`{"optim.lr": 2e-4}`, set as `--set` sets them), become one training job per run. They are
 validated together (every run's problems at once), recorded together under one sweep id, and
-compared side by side on the dashboard. Pure: what the service records is `Control`'s."""
+compared side by side on the dashboard. Pure: what the service records is `service.core.jobs`'s."""
 
 from __future__ import annotations
 

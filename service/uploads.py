@@ -1,4 +1,5 @@
-"""An upload: a `multipart/form-data` body with one `file` part, parsed as it streams in and
+"""An upload: a `multipart/form-data` body with one `file` part (and, where the caller names them,
+short text fields such as OpenAI's `purpose`), parsed as it streams in and
 written straight to the artifact store (a local path or S3) while its SHA-256 and size are
 counted. Neither the service's memory nor its local disk holds the file: at most one batch of
 the body (`BATCH_BYTES`) plus the store's own upload buffer. A body that ends early, breaks off
@@ -21,6 +22,7 @@ from jobs.common import storage
 
 BATCH_BYTES = 1 << 20  # body bytes parsed per hop to a worker thread (storage writes block)
 FILE_FIELD = "file"
+MAX_FIELD_BYTES = 1024  # a text field beside the file (`purpose`) is a word, not data
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -42,12 +44,16 @@ class Stored:
     uri: str
     bytes: int
     sha256: str
+    fields: dict[str, str] = field(default_factory=dict)  # the text fields the caller asked for
 
 
 @dataclass
 class _Form:
     """The parser's callbacks: each part's headers, and the file part's bytes into the store."""
     directory: str
+    text_fields: frozenset[str] = frozenset()
+    values: dict[str, bytearray] = field(default_factory=dict)  # text fields read so far
+    field_name: str | None = None  # the text field being read, if the current part is one
     headers: dict[bytes, bytes] = field(default_factory=dict)
     header_name: bytes = b""
     header_value: bytes = b""
@@ -78,6 +84,10 @@ class _Form:
     def headers_finished(self) -> None:
         disposition, options = parse_options_header(self.headers.get(b"content-disposition", b""))
         name = options.get(b"name", b"").decode(errors="replace")
+        self.field_name = None
+        if disposition == b"form-data" and name in self.text_fields and not options.get(b"filename"):
+            self.field_name, self.values[name] = name, bytearray()
+            return
         if disposition != b"form-data" or name != FILE_FIELD:
             raise UploadError(f"unexpected form field {name!r}: send one part named `file` "
                               "(curl -F file=@data.jsonl)")
@@ -94,11 +104,18 @@ class _Form:
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
+        if self.field_name is not None:
+            self.values[self.field_name] += chunk
+            if len(self.values[self.field_name]) > MAX_FIELD_BYTES:
+                raise UploadError(f"the `{self.field_name}` field is over {MAX_FIELD_BYTES} bytes")
+            return
         self.stream.write(chunk)
         self.digest.update(chunk)
         self.stored.bytes += len(chunk)
 
     def part_end(self) -> None:
+        if self.field_name is not None:
+            return
         self.stream.close()
         self.stream = None
         self.stored.sha256 = self.digest.hexdigest()
@@ -120,13 +137,13 @@ def remove(directory: str) -> None:
         fs.delete_dir(path)
 
 
-async def receive(request: Request, directory: str) -> Stored:
-    """Store the request's `file` part under `directory`. Raises UploadError for a body that is
+async def receive(request: Request, directory: str, text_fields: frozenset[str] = frozenset()) -> Stored:
+    """Store the request's `file` part under `directory`, with the `text_fields` sent beside it. Raises UploadError for a body that is
     not one complete file part; any exception (a refused or broken-off body) leaves nothing."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not options.get(b"boundary"):
         raise UploadError("send multipart/form-data with one `file` part (curl -F file=@data.jsonl)")
-    form = _Form(directory)
+    form = _Form(directory, text_fields)
     parser = MultipartParser(options[b"boundary"], form.callbacks())
     try:
         batch = bytearray()
@@ -141,6 +158,7 @@ async def receive(request: Request, directory: str) -> Stored:
             raise UploadError("no `file` part: send one (curl -F file=@data.jsonl)")
         if not form.complete or form.stream is not None:
             raise UploadError("the body ended before its `file` part did: send the whole file")
+        form.stored.fields = {k: v.decode(errors="replace") for k, v in form.values.items()}
         return form.stored
     except Exception as e:
         await run_in_threadpool(form.discard)

@@ -11,6 +11,7 @@ from support.service import RecordingRay, dataset_body, service_settings
 
 from service import store
 from service.app import create_app
+from service.core.reconcile import reconcile_once
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,7 @@ def test_database_outage_is_reported_answered_with_503_and_loses_nothing(tmp_pat
     ray = RecordingRay()
     app = create_app(service_settings(tmp_path / "data", tiny_model, database_url=pg_url(server)), ray=ray, reconcile=False)
     with TestClient(app) as client:
-        with app.state.control.sessions() as session:
+        with app.state.core.sessions() as session:
             headers = {"Authorization": f"Bearer {store.create_api_key(session, 'acme')}"}
         body = dataset_body(tmp_path / "data")
         job = client.post("/v1/datasets", json=body, headers=headers).json()
@@ -44,13 +45,13 @@ def test_database_outage_is_reported_answered_with_503_and_loses_nothing(tmp_pat
             assert response.status_code == 503, (path, response.text)
             assert response.json() == {"detail": "database unavailable"} and response.headers["Retry-After"]
         with pytest.raises(Exception, match="(?i)connect|operational"):
-            app.state.control.reconcile_once()  # the loop logs this and tries again next pass
+            reconcile_once(app.state.core)  # the loop logs this and tries again next pass
         assert time.monotonic() - down < 10  # every answer came at once, none hung on the outage
 
         record_property("slowest_503_s", round(slowest, 2))
         server = pgserver.get_server(pgdata, cleanup_mode="stop")  # and comes back
         back = time.monotonic()
-        assert pg_url(server) == app.state.control.settings.database_url
+        assert pg_url(server) == app.state.core.settings.database_url
         assert client.get("/readyz").status_code == 200
         record_property("database_back_to_ready_s", round(time.monotonic() - back, 2))
         again = client.get(f"/v1/jobs/{job['id']}", headers=headers)

@@ -59,7 +59,7 @@ def test_a_key_is_shown_once_stored_hashed_and_listed_with_its_use(client):
     created = client.post("/v1/admin/tenants/globex/keys", json={"name": "ci"}, headers=ADMIN).json()
     key = created["key"]
     assert key.startswith("rsk_") and created["prefix"] == key[:8] and created["last_used_at"] is None
-    with client.app.state.control.sessions() as session:
+    with client.app.state.core.sessions() as session:
         row = session.get(store.ApiKey, created["id"])
         assert row.key_hash == store.hash_key(key) and key not in str(row.__dict__)
     assert client.get("/v1/jobs", headers=bearer(key)).json()["total"] == 0  # globex sees its own, none yet

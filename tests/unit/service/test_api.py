@@ -15,6 +15,7 @@ from support.service import ADMIN_KEY, RecordingRay, dataset_body, service_setti
 
 from service import store
 from service.app import create_app
+from service.core.reconcile import reconcile_once
 from service.store import Status
 
 
@@ -36,7 +37,7 @@ def app(data_dir, tiny_model, ray):
 @pytest.fixture
 def client(app):
     with TestClient(app) as c:
-        with app.state.control.sessions() as session:
+        with app.state.core.sessions() as session:
             keys = {t: store.create_api_key(session, t) for t in ("acme", "globex")}
         c.keys = keys
         yield c
@@ -47,7 +48,7 @@ def auth(client, tenant="acme"):
 
 
 def reconcile(client):
-    client.app.state.control.reconcile_once()
+    reconcile_once(client.app.state.core)
 
 
 def test_health_needs_no_key_but_the_api_does(client):
@@ -239,21 +240,22 @@ def test_pipeline_trains_only_after_its_dataset_succeeds(client, ray, data_dir):
 
 def test_two_replicas_advancing_a_pipeline_at_once_start_one_training(client, ray, data_dir, monkeypatch):
     """Each replica's reconcile loop advances pipelines: two may see the same dataset succeed."""
-    from service.control import Control
+    from service.core import jobs
+    from service.core.reconcile import advance_pipeline
 
     body = {"dataset": dataset_body(data_dir), "training": training_body(data_dir)}
     pipeline = client.post("/v1/pipelines", json=body, headers=auth(client)).json()
     [dataset_id] = pipeline["children"]
     reconcile(client)
     ray.set(f"raysft-{dataset_id}", Status.SUCCEEDED)
-    make_child = Control._child
+    make_child = jobs.child
 
-    def the_other_replica_commits_first(control, parent, kind, spec):
-        monkeypatch.setattr(Control, "_child", make_child)
-        control._advance_pipeline(parent.id)  # a whole pass, in its own session
-        return make_child(control, parent, kind, spec)
+    def the_other_replica_commits_first(parent, kind, spec):
+        monkeypatch.setattr(jobs, "child", make_child)
+        advance_pipeline(client.app.state.core, parent.id)  # a whole pass, in its own session
+        return make_child(parent, kind, spec)
 
-    monkeypatch.setattr(Control, "_child", the_other_replica_commits_first)
+    monkeypatch.setattr(jobs, "child", the_other_replica_commits_first)
     reconcile(client)  # loses the race: no error, and nothing of its own is kept
     children = client.get(f"/v1/jobs/{pipeline['id']}", headers=auth(client)).json()["children"]
     assert len(children) == 2 and sorted(ray.jobs) == sorted(f"raysft-{c}" for c in children)
@@ -321,22 +323,22 @@ def test_readiness_reports_ray_down_and_prometheus_counts(client, ray, data_dir)
 
 
 def test_known_api_keys_are_remembered_unknown_ones_looked_up_every_time(client):
-    control = client.app.state.control
-    sessions, opened = control.sessions, []
-    control.sessions = lambda: opened.append(1) or sessions()
-    assert control.tenant_for_key(client.keys["acme"]) == "acme" and len(opened) == 1
-    assert control.tenant_for_key(client.keys["acme"]) == "acme" and len(opened) == 1  # no second lookup
-    assert control.tenant_for_key("rsk_unknown") is None and control.tenant_for_key("rsk_unknown") is None
-    assert len(opened) == 3 and len(control.known_keys) == 1
+    cache = client.app.state.core.keys
+    sessions, opened = cache.sessions, []
+    cache.sessions = lambda: opened.append(1) or sessions()
+    assert cache.tenant_for_key(client.keys["acme"]) == "acme" and len(opened) == 1
+    assert cache.tenant_for_key(client.keys["acme"]) == "acme" and len(opened) == 1  # no second lookup
+    assert cache.tenant_for_key("rsk_unknown") is None and cache.tenant_for_key("rsk_unknown") is None
+    assert len(opened) == 3 and len(cache.known) == 1
 
 
 def test_a_get_is_one_query_and_a_pipelines_two(client, data_dir):
-    control = client.app.state.control
+    core = client.app.state.core
     dataset = client.post("/v1/datasets", json=dataset_body(data_dir), headers=auth(client)).json()
     pipeline = client.post("/v1/pipelines", json={"dataset": dataset_body(data_dir), "training": training_body(data_dir)},
                            headers=auth(client)).json()
-    sessions, opened = control.sessions, []
-    control.sessions = lambda: opened.append(1) or sessions()
+    sessions, opened = core.sessions, []
+    core.sessions = lambda: opened.append(1) or sessions()
     assert client.get(f"/v1/jobs/{dataset['id']}", headers=auth(client)).json()["children"] == []
     assert len(opened) == 1  # the job; datasets and trainings have no children to look for
     assert len(client.get(f"/v1/jobs/{pipeline['id']}", headers=auth(client)).json()["children"]) == 1

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from service import cli, store
 from service.app import create_app
+from service.core import files
+from service.core.reconcile import reconcile_once
 
 runner = CliRunner()  # stdout and stderr apart: a created key is alone on stdout
 
@@ -29,7 +31,7 @@ def service(tmp_path, tiny_model, monkeypatch):
         return TestClient(app, base_url=cli.service_url(), headers={"Authorization": f"Bearer {key}"} if key else {})
 
     monkeypatch.setattr(cli, "client", client)
-    with TestClient(app), app.state.control.sessions() as session:  # the lifespan creates the schema
+    with TestClient(app), app.state.core.sessions() as session:  # the lifespan creates the schema
         # the tenant whose prefix holds the example inputs
         monkeypatch.setenv("RAYSFT_API_KEY", store.create_api_key(session, "acme"))
     app.data_dir = tmp_path / "data"
@@ -102,7 +104,7 @@ def test_submit_force_prepares_again_and_only_a_preparation_takes_it(service, tm
     spec.write_text(json.dumps(dataset_body(service.data_dir)))
     submitted = run("submit", "dataset", str(spec), "--force")
     assert submitted.exit_code == 0, submitted.output
-    [job] = service.state.control.ray.jobs.values()
+    [job] = service.state.core.ray.jobs.values()
     assert job["entrypoint"].endswith(" --force")
     refused = run("submit", "training", str(spec), "--force")
     assert refused.exit_code == 2 and "--force prepares a dataset again" in refused.output
@@ -164,7 +166,7 @@ def test_files_upload_with_progress_list_and_delete(service, tmp_path):
     assert [line[-1] for line in lines] == [str(data), str(other)] and lines[0][1] == str(data.stat().st_size)
     listed = run("files", "list")
     assert all(i in listed.output for i in ids) and "2 of 2" in listed.output
-    [stored] = Path(service.state.control.file_directory("acme", ids[0])).glob("*")
+    [stored] = Path(files.directory(service.state.core, "acme", ids[0])).glob("*")
     assert stored.read_bytes() == data.read_bytes()  # streamed whole into the tenant's prefix
     assert run("files", "delete", ids[0]).exit_code == 0
     assert "1 of 1" in run("files", "list").output
@@ -188,8 +190,8 @@ def test_submit_sweep_prints_its_id_then_one_training_per_run(service, tmp_path)
     dataset = tmp_path / "demo.yaml"
     dataset.write_text(json.dumps(dataset_body(service.data_dir)))
     dataset_id = run("submit", "dataset", str(dataset)).output.strip()
-    service.state.control.ray.set(f"raysft-{dataset_id}", store.Status.SUCCEEDED)
-    service.state.control.reconcile_once()
+    service.state.core.ray.set(f"raysft-{dataset_id}", store.Status.SUCCEEDED)
+    reconcile_once(service.state.core)
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(json.dumps({"training": training_body(service.data_dir, datasets=[{"uri": f"job:{dataset_id}"}]),
                                  "runs": [{"optim.lr": 1e-4}, {"optim.lr": 2e-4}]}))

@@ -26,6 +26,7 @@ from jobs.prepare.spec import DatasetSpec
 from jobs.prepare.templates import build_template
 from service import job_outputs, store
 from service.app import UI_DIR, create_app
+from service.core.reconcile import reconcile_once
 from service.store import Status
 
 
@@ -35,7 +36,7 @@ def client(tmp_path, tiny_model):
     app = create_app(service_settings(tmp_path / "data", tiny_model), ray=ray, reconcile=False)
     with TestClient(app) as c:
         c.ray = ray
-        with app.state.control.sessions() as session:
+        with app.state.core.sessions() as session:
             c.headers["Authorization"] = f"Bearer {store.create_api_key(session, 'acme')}"
         c.data_dir = tmp_path / "data"
         yield c
@@ -110,7 +111,7 @@ def test_a_dataset_report_shows_trained_segments_and_a_few_rows_per_reason(clien
     assert [r["line"] for r in shown["duplicate"]] == [1, 3, 5] and [r["line"] for r in shown["empty"]] == [0, 2, 4]
     assert all(len(r["raw"]) == job_outputs.RAW_CHARS for rows in shown.values() for r in rows)
     # Another tenant's key finds no such job.
-    with client.app.state.control.sessions() as session:
+    with client.app.state.core.sessions() as session:
         other = store.create_api_key(session, "globex")
     assert client.get(f"/v1/jobs/{job['id']}/dataset", headers={"Authorization": f"Bearer {other}"}).status_code == 404
 
@@ -118,7 +119,7 @@ def test_a_dataset_report_shows_trained_segments_and_a_few_rows_per_reason(clien
 def test_a_training_has_no_dataset_report_and_a_pipeline_has_its_preparations(client, tiny_model, tokenizer):
     prepared = client.post("/v1/datasets", json=dataset_body(client.data_dir)).json()
     client.ray.set(f"raysft-{prepared['id']}", Status.SUCCEEDED)
-    client.app.state.control.reconcile_once()
+    reconcile_once(client.app.state.core)
     training = client.post("/v1/trainings", json=training_body(client.data_dir,
                                                                datasets=[{"uri": f"job:{prepared['id']}"}])).json()
     missing = client.get(f"/v1/jobs/{training['id']}/dataset")

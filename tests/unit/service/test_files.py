@@ -33,7 +33,7 @@ def app(tmp_path, tiny_model):
 @pytest.fixture
 def client(app):
     with TestClient(app) as c:
-        with app.state.control.sessions() as session:
+        with app.state.core.sessions() as session:
             c.keys = {t: store.create_api_key(session, t) for t in ("acme", "globex")}
         yield c
 
@@ -43,11 +43,11 @@ def auth(client, tenant="acme"):
 
 
 def files_dir(app, tenant="acme") -> Path:
-    return Path(app.state.control.policy.tenant_root(tenant)) / "files"
+    return Path(app.state.core.policy.tenant_root(tenant)) / "files"
 
 
 def registered(app) -> int:
-    with app.state.control.sessions() as session:
+    with app.state.core.sessions() as session:
         return session.query(store.File).count()
 
 
@@ -61,7 +61,7 @@ def test_an_upload_is_stored_under_the_tenant_with_its_digest_and_named_in_specs
     assert client.get(f"/v1/files/{f['id']}", headers=auth(client)).json() == f
     assert client.get("/v1/files", headers=auth(client)).json()["items"] == [f]
 
-    body = dataset_body(app.state.control.settings.data_dir, sources=[{"uri": f"file:{f['id']}", "format": "alpaca"}])
+    body = dataset_body(app.state.core.settings.data_dir, sources=[{"uri": f"file:{f['id']}", "format": "alpaca"}])
     job = client.post("/v1/datasets", json=body, headers=auth(client))
     assert job.status_code == 202, job.text
     assert job.json()["spec"]["sources"][0]["uri"] == f["uri"]
@@ -100,7 +100,7 @@ def test_a_malformed_upload_is_refused_with_the_fix_and_leaves_nothing(client, a
 def test_an_upload_over_the_limit_gets_413_and_leaves_nothing(tmp_path, tiny_model):
     app = create_app(service_settings(tmp_path / "data", tiny_model, max_upload_bytes=4096), ray=RecordingRay(),
                      reconcile=False)
-    with TestClient(app) as client, app.state.control.sessions() as session:
+    with TestClient(app) as client, app.state.core.sessions() as session:
         headers = {"Authorization": f"Bearer {store.create_api_key(session, 'acme')}"}
         big = client.post("/v1/files", files={"file": ("big.jsonl", ROWS * 4)}, headers=headers)
         assert big.status_code == 413
@@ -111,7 +111,7 @@ def test_an_upload_over_the_limit_gets_413_and_leaves_nothing(tmp_path, tiny_mod
 @pytest.fixture
 def served(app):
     """The app under uvicorn on loopback, in this process (so tracemalloc sees the server)."""
-    with TestClient(app), app.state.control.sessions() as session:  # the lifespan migrates the database
+    with TestClient(app), app.state.core.sessions() as session:  # the lifespan migrates the database
         key = store.create_api_key(session, "acme")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=local_ray.free_port(), log_level="warning",
                                            lifespan="off"))
@@ -175,7 +175,7 @@ def test_uploads_stream_into_an_s3_artifact_store(tmp_path, tiny_model, s3_serve
     s3.create_bucket(Bucket="raysft")
     app = create_app(service_settings(tmp_path / "data", tiny_model, artifact_root="s3://raysft/artifacts"),
                      ray=RecordingRay(), reconcile=False)
-    with TestClient(app) as client, app.state.control.sessions() as session:
+    with TestClient(app) as client, app.state.core.sessions() as session:
         headers = {"Authorization": f"Bearer {store.create_api_key(session, 'acme')}"}
         data = ROWS * 200
         f = client.post("/v1/files", files={"file": ("rows.jsonl", data)}, headers=headers).json()

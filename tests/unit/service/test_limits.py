@@ -15,6 +15,7 @@ from support.service import RecordingRay, dataset_body, service_settings, traini
 
 from service import store
 from service.app import create_app
+from service.core.reconcile import reconcile_once
 from service.limits import TokenBuckets
 from service.store import Status
 
@@ -43,7 +44,7 @@ def test_token_bucket_allows_a_burst_then_the_rate_per_tenant():
 def limited_client(tmp_path, tiny_model, ray, **limits):
     app = create_app(service_settings(tmp_path / "data", tiny_model, **limits), ray=ray, reconcile=False)
     with TestClient(app) as client:
-        with app.state.control.sessions() as session:
+        with app.state.core.sessions() as session:
             client.headers_for = {t: {"Authorization": f"Bearer {store.create_api_key(session, t)}"}
                                   for t in ("acme", "globex")}
         yield client
@@ -66,7 +67,7 @@ def test_active_job_limit_answers_429_until_a_job_ends(tmp_path, tiny_model):
         assert client.post("/v1/datasets", json=globex, headers=client.headers_for["globex"]).status_code == 202
         # Once one of acme's jobs ends, acme may submit again.
         ray.set(f"raysft-{first['id']}", Status.SUCCEEDED)
-        client.app.state.control.reconcile_once()
+        reconcile_once(client.app.state.core)
         assert client.post("/v1/datasets", json=body, headers=client.headers_for["acme"]).status_code == 202
 
 
@@ -101,8 +102,8 @@ def test_a_training_the_cluster_can_never_run_is_refused_at_submission(tmp_path,
 
 
 def store_done(client, job_id: str) -> None:
-    client.app.state.control.ray.set(f"raysft-{job_id}", Status.SUCCEEDED)
-    client.app.state.control.reconcile_once()
+    client.app.state.core.ray.set(f"raysft-{job_id}", Status.SUCCEEDED)
+    reconcile_once(client.app.state.core)
 
 
 def test_a_job_that_never_starts_fails_with_the_reason_after_the_deadline(tmp_path, tiny_model):
@@ -116,10 +117,10 @@ def test_a_job_that_never_starts_fails_with_the_reason_after_the_deadline(tmp_pa
         store_done(client, dataset["id"])
         training = client.post("/v1/trainings", json=training_body(data, datasets=[{"uri": f"job:{dataset['id']}"}]),
                                headers=acme).json()  # RUNNING with no step: its workers are not placed
-        client.app.state.control.reconcile_once()
+        reconcile_once(client.app.state.core)
         assert client.get(f"/v1/jobs/{pending['id']}", headers=acme).json()["status"] == "QUEUED"
         time.sleep(1.2)
-        client.app.state.control.reconcile_once()
+        reconcile_once(client.app.state.core)
         for job_id in (pending["id"], training["id"]):
             job = client.get(f"/v1/jobs/{job_id}", headers=acme).json()
             assert job["status"] == "FAILED" and "not started after" in job["error"] and "add nodes" in job["error"]
