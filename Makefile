@@ -68,11 +68,11 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check jobs service tests benchmarks
 	$(PY) -m pytest -q -m "not slow"
 
-# The long runs make test leaves out (pytest marker `slow`, about 23 minutes): the preparation driver
+# The long runs make test leaves out (pytest marker `slow`, about 25 minutes): the preparation driver
 # with its address space capped, a killed tokenize task, training killed and resumed exactly
 # (splits held in memory and streamed, and in a second epoch), failed checkpoint uploads, the FSDP2
-# engine against DDP and ZeRO-2 and through its faults, gs:// against a GCS emulator, and every
-# training preset started for two steps on CPU.
+# engine against DDP and ZeRO-2 and through its faults, gs:// against a GCS emulator, every
+# training preset started for two steps on CPU, and a fine-tune served by Ray Serve and chatted with.
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests/integration
 

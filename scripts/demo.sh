@@ -3,7 +3,8 @@
 # head with token auth, SQLite, artifacts under .cache/demo/service), submits the house-style
 # pipeline (configs/pipelines/house-style.yaml) for SmolLM2-135M-Instruct, which `make real-model`
 # imported, follows its progress, prints the held-out prompt's answer and the eval loss before and
-# after training, and stops the service (and its Ray head).
+# after training, asks the fine-tuned model a question through the service's chat (served on the
+# cluster by Ray Serve), and stops the service (and its Ray head).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -42,4 +43,17 @@ evaluations = [m for m in json.load(urllib.request.urlopen(request)) if "eval_lo
 for label, m in (("before", evaluations[0]), ("after", evaluations[-1])):
     for g in m.get("generations", []):
         print(f"{label} (step {m['step']}): eval_loss {m['eval_loss']:.3f} | {g['prompt']} -> {g['answer']}")
+PY
+# The fine-tuned model served on the cluster (Ray Serve, base model plus the adapter), asked a
+# question the training never saw.
+"$VENV/bin/python" - "$RAYSFT_URL/v1/jobs/$JOB/chat" <<'PY'
+import json, os, sys, time, urllib.request
+
+body = {"messages": [{"role": "user", "content": "What is the capital of Belgium?"}], "max_tokens": 32, "temperature": 0}
+request = urllib.request.Request(sys.argv[1], data=json.dumps(body).encode(), method="POST", headers={
+    "Authorization": f"Bearer {os.environ['RAYSFT_API_KEY']}", "Content-Type": "application/json"})
+started = time.perf_counter()
+answer = json.load(urllib.request.urlopen(request, timeout=900))
+print(f"chat ({time.perf_counter() - started:.1f} s, the model loaded on first use): "
+      f"{answer['choices'][0]['message']['content']}")
 PY

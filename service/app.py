@@ -20,10 +20,11 @@ from sqlalchemy import func, select
 from service import store
 from service.core.context import Core
 from service.core.reconcile import reconcile_once
+from service.core.serving import Serving
 from service.limits import TokenBuckets
 from service.middleware import LATENCY_BUCKETS_S, UI_DIR, BodyLimit, Dashboard, Observe
 from service.ray_jobs import RayJobs
-from service.routes import admin, errors, files, jobs, openai_v1
+from service.routes import admin, chats, errors, files, jobs, openai_v1
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("raysft.service")
@@ -55,7 +56,8 @@ def create_app(settings: Settings | None = None, ray: RayJobs | None = None, rec
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store.migrate(settings.database_url)
         engine = store.make_engine(settings.database_url)
-        core = Core(store.session_factory(engine), ray or RayJobs(ray_address(settings)), settings)
+        core = Core(store.session_factory(engine), ray or RayJobs(ray_address(settings)), settings,
+                    Serving(ray_address(settings), settings))
         if (key := settings.bootstrap_key()) is not None:
             with core.sessions() as session:
                 store.create_api_key(session, "admin", key)
@@ -68,7 +70,7 @@ def create_app(settings: Settings | None = None, ray: RayJobs | None = None, rec
 
     app = FastAPI(title="raysft", version="0.1.0", lifespan=lifespan,
                   description="Supervised fine-tuning jobs on Ray: prepare datasets, train, run pipelines.")
-    for routes in (jobs, admin, files, openai_v1):
+    for routes in (jobs, chats, admin, files, openai_v1):
         app.include_router(routes.router)
     errors.install(app)
     app.mount("/ui", Dashboard(directory=UI_DIR, html=True), name="ui")

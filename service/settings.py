@@ -66,6 +66,21 @@ class Settings(BaseSettings):
     openai_models: dict[str, FineTunableModel] = Field(default_factory=dict, description="The base models the "
                                                        "OpenAI-compatible surface fine-tunes, by the name clients "
                                                        "send as `model` (JSON: {\"name\": {\"uri\": ...}}).")
+    serve_address: str = Field("", description="Ray Serve's HTTP proxy, where chats are sent (http://head:8000); "
+                               "empty: the Ray address's host on serve_port.")
+    serve_host: str = Field("127.0.0.1", description="Where Ray Serve's proxy listens on the head (0.0.0.0 in a "
+                            "cluster; keep it unreachable from outside: it takes the control plane's requests only).")
+    serve_port: int = Field(8000, ge=1, le=65535, description="Ray Serve's proxy port.")
+    serve_idle_s: float = Field(300.0, ge=0, description="Seconds a served model may be idle before its replicas "
+                                "scale to zero (the next chat starts one again).")
+    serve_max_replicas: int = Field(1, ge=1, description="Replicas one served base model may scale up to.")
+    serve_cpus: float = Field(1.0, gt=0, description="CPUs of each serving replica.")
+    serve_gpus: float = Field(0.0, ge=0, description="GPUs of each serving replica.")
+    serve_max_tokens: int = Field(1024, ge=1, description="The most tokens one answer may have (max_tokens).")
+    serve_tenant_max_chats: int = Field(4, ge=1, description="Chats a tenant may have answering at once (per "
+                                        "replica of the service); more get 429.")
+    serve_start_timeout_s: float = Field(600.0, gt=0, description="How long a chat waits for its model's "
+                                         "application to start (a cold start loads the model).")
     key_cache_ttl_s: float = Field(10.0, ge=0, description="How long a replica remembers an API key it has "
                                    "looked up: a revoked key is refused by every replica within this many seconds.")
 

@@ -125,6 +125,11 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
+    @property
+    def training_spec(self) -> dict[str, Any]:
+        """A training's spec, or a pipeline's training part."""
+        return self.spec["training"] if self.kind is Kind.PIPELINE else self.spec
+
     def finish(self, status: Status, error: str | None = None) -> None:
         self.status, self.error, self.finished_at = status, error, now()
 

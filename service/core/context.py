@@ -1,6 +1,6 @@
-"""The control plane's shared state: the database (the source of truth), Ray's job API, the
-settings, the storage policy, and the two things kept in memory (the key cache and the
-reconcile loop's view of Ray)."""
+"""The control plane's shared state: the database (the source of truth), Ray's job API and Ray
+Serve, the settings, the storage policy, and what is kept in memory (the key cache, the reconcile
+loop's view of Ray, the chats answering)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.keys import KeyCache
+from service.core.serving import Serving
 from service.ray_jobs import RayJobs
 from service.settings import Settings
 from service.uris import UriPolicy
@@ -20,6 +21,7 @@ class Core:
     sessions: sessionmaker[Session]
     ray: RayJobs
     settings: Settings
+    serving: Serving
     policy: UriPolicy = field(init=False)
     keys: KeyCache = field(init=False)
     ray_down_since: float | None = None  # monotonic time the reconcile loop first failed to reach Ray

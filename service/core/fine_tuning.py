@@ -4,6 +4,7 @@ events and checkpoints; the tenant's fine-tuned models beside the base models it
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from typing import Any
@@ -12,10 +13,9 @@ from jobs.common import run_layout
 from jobs.common.spec import SpecError
 from service import fine_tuning as ft
 from service import job_outputs
-from service.core import files, job_reads, jobs
+from service.core import files, job_reads, jobs, serving
 from service.core.context import Core
 from service.core.errors import NotFound
-from service.core.references import training_spec
 from service.store import Job, Kind, Status
 
 
@@ -56,7 +56,7 @@ def model(job: Job) -> str:
 def job_object(core: Core, job: Job) -> dict[str, Any]:
     """The job as a `fine_tuning.job`."""
     children = jobs.children(core, job)
-    record, spec = job.fine_tuning, training_spec(job)
+    record, spec = job.fine_tuning, job.training_spec
     state = ft.status(job, children)
     progress = job.progress or {}
     eta = progress.get("eta_s") if state == "running" else None
@@ -91,7 +91,7 @@ def after_cursor(items: list[dict[str, Any]], after: str | None, limit: int) -> 
 
 
 def _run(job: Job) -> str:
-    return job_outputs.run_dir(training_spec(job))
+    return job_outputs.run_dir(job.training_spec)
 
 
 def _trained(core: Core, job: Job) -> tuple[list[dict[str, Any]], list[int]]:
@@ -135,3 +135,26 @@ def find_model(core: Core, tenant: str, name: str) -> dict[str, Any]:
     if (found := next((m for m in models(core, tenant) if m["id"] == name), None)) is None:
         raise NotFound(f"no model {name}")
     return found
+
+
+def chat_target(core: Core, tenant: str, name: str) -> serving.Target:
+    """What answers a chat with `name`: a base model offered for fine-tuning, one of the tenant's
+    fine-tuned models, or one of their checkpoints (`<model>:ckpt-step-<n>`)."""
+    if (base := core.settings.openai_models.get(name)) is not None:
+        return serving.Target(base.uri, (base.training.get("model") or {}).get("dtype", "fp32"), None, ())
+    parts = name.split(":")
+    if len(parts) in (5, 6) and parts[0] == "ft":
+        try:
+            job = get(core, tenant, parts[4])
+        except NotFound:
+            job = None
+        if job is not None and job.status is Status.SUCCEEDED and ":".join(parts[:5]) == model(job):
+            found = serving.target(job)
+            if len(parts) == 5:
+                return found
+            step = parts[5].removeprefix("ckpt-step-")
+            if found.adapter is not None and step.isdigit():
+                checkpoint = f"{_run(job)}/{run_layout.checkpoint_dir_name(int(step))}"
+                if checkpoint in run_layout.checkpoints(_run(job)):
+                    return dataclasses.replace(found, adapter=checkpoint)
+    raise NotFound(f"no model {name}: GET /openai/v1/models lists yours")

@@ -28,9 +28,5 @@ def training_export(core: Core, tenant: str, job_id: str, name: str) -> str:
         raise SpecError([f"no training job {job_id!r}"])
     if job.status is not Status.SUCCEEDED:
         raise SpecError([f"training job {job_id} is {job.status.value}: evaluate once it has SUCCEEDED"])
-    return run_layout.export_uri(job_outputs.run_dir(training_spec(job)), name)
+    return run_layout.export_uri(job_outputs.run_dir(job.training_spec), name)
 
-
-def training_spec(job: Job) -> dict:
-    """A training's spec, or a pipeline's training part."""
-    return job.spec["training"] if job.kind is Kind.PIPELINE else job.spec

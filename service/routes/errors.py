@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 
 from jobs.common.spec import SpecError
 from service.core.errors import Conflict, Exists, NotFound, TooManyJobs
+from service.core.serving import ServingUnavailable
 from service.ray_jobs import RayUnavailable, UnknownToRay
 
 OPENAI_PREFIX = "/openai/"
@@ -69,6 +70,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RayUnavailable)
     async def ray_unavailable(request: Request, error: RayUnavailable) -> JSONResponse:
         return answer(request, status.HTTP_503_SERVICE_UNAVAILABLE, f"Ray unreachable: {error}")
+
+    @app.exception_handler(ServingUnavailable)
+    async def serving_unavailable(request: Request, error: ServingUnavailable) -> JSONResponse:
+        return answer(request, status.HTTP_503_SERVICE_UNAVAILABLE, str(error), headers={"Retry-After": "10"})
 
     @app.exception_handler(OperationalError)
     async def database_unavailable(request: Request, error: OperationalError) -> JSONResponse:

@@ -1,11 +1,12 @@
 """The OpenAI-compatible surface, `/openai/v1`: files, fine-tuning jobs (with their events and
-checkpoints) and models, in the shapes the official `openai` package reads, so that
+checkpoints), models and chat completions with them, in the shapes the official `openai` package reads, so that
 `OpenAI(base_url=".../openai/v1", api_key=KEY)` works against raysft. The same tenants, keys,
 limits, records and jobs as the native API; errors come as OpenAI's `error` objects
 (`routes.errors`). What the terms mean in raysft: `service.fine_tuning`."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
@@ -13,11 +14,12 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from jobs.common import storage
+from service import chat, store, uploads
 from service import fine_tuning as ft
-from service import store, uploads
 from service.core import files, jobs
 from service.core import fine_tuning as tuning
 from service.deps import CoreDep, IdempotencyKey, SpecBody, TenantDep
+from service.routes.chats import respond
 from service.routes.files import receive
 from service.schemas import OPENAI_ERRORS
 
@@ -117,3 +119,10 @@ def list_models(core: CoreDep, tenant: TenantDep) -> dict[str, Any]:
 @router.get("/models/{model:path}", summary="One model (models.retrieve)")
 def get_model(core: CoreDep, tenant: TenantDep, model: str) -> dict[str, Any]:
     return tuning.find_model(core, tenant, model)
+
+
+@router.post("/chat/completions", summary="Chat with a base or fine-tuned model, whole or streamed (chat.completions.create)")
+async def chat_completions(core: CoreDep, tenant: TenantDep, body: SpecBody):
+    request = chat.parse(body)
+    target = await asyncio.to_thread(tuning.chat_target, core, tenant, request.model)
+    return await respond(core, tenant, request, target, request.model)

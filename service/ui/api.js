@@ -47,3 +47,35 @@ export async function optional(request, fallback) {
     throw error;
   }
 }
+
+// A chat answer streamed as server-sent events (POST jobs/ID/chat with stream: true): `onText` is
+// called with each piece of text as it arrives; resolves with the finish reason.
+export async function chatStream(path, { query = {}, body }, onText) {
+  const url = new URL(`../v1/${path}`, document.baseURI);
+  for (const [name, value] of Object.entries(query)) url.searchParams.set(name, value);
+  const response = await fetch(url, {
+    method: "POST", body: JSON.stringify({ ...body, stream: true }),
+    headers: { Authorization: `Bearer ${apiKey.get()}`, "Content-Type": "application/json" },
+  });
+  if (!response.ok) {
+    const isJson = (response.headers.get("content-type") || "").includes("json");
+    throw new ApiError(response.status, describe(response.status, isJson ? await response.json() : await response.text()));
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "";
+  let finish = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return finish;
+    buffered += value;
+    const events = buffered.split("\n\n");
+    buffered = events.pop();
+    for (const event of events) {
+      const data = event.replace(/^data: /, "");
+      if (data === "[DONE]") return finish;
+      const choice = JSON.parse(data).choices[0];
+      if (choice && choice.delta.content) onText(choice.delta.content);
+      if (choice && choice.finish_reason) finish = choice.finish_reason;
+    }
+  }
+}

@@ -1,7 +1,7 @@
 // The raysft dashboard: jobs, a job's curves and data, and runs compared. Pages are routed by the
 // URL's fragment (#/jobs, #/jobs/ID, #/compare/ID,ID), which holds ids and filters, never the key.
 
-import { ApiError, api, apiKey, optional } from "./api.js";
+import { ApiError, api, apiKey, chatStream, optional } from "./api.js";
 import { lineChart } from "./chart.js";
 import { formatNumber, formatSeconds, formatTime, h } from "./dom.js";
 
@@ -157,10 +157,11 @@ function jobPage(id) {
   const evaluations = h("section", { id: "evaluations" });
   const dataset = h("section", { id: "dataset" });
   const outputs = h("section", { id: "artifacts" });
+  const tryIt = h("section", { id: "try-it" });
   const log = h("pre", { id: "log", class: "log" });
   let report = null; // a preparation's report does not change once written
   let sweep = null; // the runs of the sweep a training belongs to, fixed once created
-  const node = h("article", { class: "job" }, header, figures, charts, answers, evaluations, dataset, outputs,
+  const node = h("article", { class: "job" }, header, tryIt, figures, charts, answers, evaluations, dataset, outputs,
     h("h2", {}, "Log (last 200 lines)"), log);
 
   async function refresh() {
@@ -182,11 +183,51 @@ function jobPage(id) {
         h("p", { class: "empty" }, "The preparation has not written its manifest yet.")]));
     }
     outputs.replaceChildren(...artifacts(job.artifacts));
+    if (trains(job) && job.status === "SUCCEEDED" && !tryIt.hasChildNodes()) tryIt.replaceChildren(...chatPanel(id));
     const text = await optional(api(`jobs/${id}/logs`, { query: { tail: 200 } }), "(no log yet)");
     log.textContent = text.replace(ANSI_ESCAPES, ""); // Ray colours its prefixes for terminals
     return isActive(job) || (prepares(job) && !report);
   }
   return { node, refresh };
+}
+
+// "Try it": chat with the fine-tuned model and, beside it, the model it started from. Each side
+// keeps its own conversation; answers stream in as the models on the cluster write them.
+function chatPanel(id) {
+  const sides = [{ name: "fine-tuned", query: {} }, { name: "base model", query: { base: true } }]
+    .map((side) => ({ ...side, messages: [], log: h("div", { class: "chat-log", "data-side": side.name }) }));
+  const prompt = h("textarea", { id: "chat-prompt", rows: 3, placeholder: "Ask both models something" });
+  const send = h("button", { type: "submit", id: "chat-send" }, "Send");
+  async function ask(side, content) {
+    side.messages.push({ role: "user", content });
+    side.log.append(h("p", { class: "chat-user" }, content));
+    const reply = h("p", { class: "chat-assistant" });
+    side.log.append(reply);
+    try {
+      await chatStream(`jobs/${id}/chat`, { query: side.query, body: { messages: side.messages, max_tokens: 256 } },
+        (text) => reply.append(text));
+      side.messages.push({ role: "assistant", content: reply.textContent });
+    } catch (error) {
+      side.messages.pop();
+      reply.classList.add("error");
+      reply.textContent = error.message;
+    }
+  }
+  const form = h("form", {
+    class: "chat-form",
+    onsubmit: async (event) => {
+      event.preventDefault();
+      const content = prompt.value.trim();
+      if (!content) return;
+      prompt.value = "";
+      send.disabled = true;
+      await Promise.all(sides.map((side) => ask(side, content)));
+      send.disabled = false;
+    },
+  }, prompt, send);
+  return [h("h2", {}, "Try it"),
+    h("div", { class: "chat-sides" }, sides.map((side) => h("div", { class: "chat-side" }, h("h3", {}, side.name), side.log))),
+    form];
 }
 
 function jobHeader(job, sweep) {

@@ -139,7 +139,7 @@ def test_a_pipeline_through_rest_trains_on_two_nodes_survives_a_control_plane_re
 def test_the_image_runs_as_non_root_with_every_extra_the_jobs_use_and_a_working_healthcheck(cluster):
     for role in ("head", "worker-0", "control-plane"):
         assert cluster.exec(role, "id", "-u").stdout.strip() == "1000", role
-    cluster.exec("worker-0", "python", "-c", "import deepspeed, peft, wandb, mlflow, tensorboardX, prometheus_client")
+    cluster.exec("worker-0", "python", "-c", "import deepspeed, peft, wandb, mlflow, tensorboardX, prometheus_client, jobs.serve.app")
     health = podman("healthcheck", "run", cluster.name("control-plane"), check=False)
     assert health.returncode == 0, health.stdout + health.stderr
 

@@ -304,6 +304,7 @@ def test_ray_cluster_uses_token_auth_the_chart_image_and_gpu_groups():
     assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     (config,) = of_kind(objects, "ConfigMap")
     assert config["data"]["RAYSFT_RAY_ADDRESS"] == f"http://{cluster['metadata']['name']}-head-svc.ml.svc:8265"
+    assert config["data"]["RAYSFT_SERVE_ADDRESS"] == f"http://{cluster['metadata']['name']}-head-svc.ml.svc:8000"
 
 
 def test_no_ray_port_is_exposed_outside_the_cluster(rendered):
@@ -338,7 +339,7 @@ def test_network_policy_lets_only_the_control_plane_reach_the_job_port():
         if labels == {"ray.io/cluster": name}:
             continue  # Ray's own pods talk to each other on every port
         assert labels.items() <= control_plane.items()
-        assert [p["port"] for p in rule["ports"]] == [8265]
+        assert [p["port"] for p in rule["ports"]] == [8265, 8000]  # the job API, Ray Serve's proxy (chats)
     # The Ray pods are not control-plane pods: the control plane's selector must not match them.
     ray_labels = pod_templates(objects)["RayCluster/head"]["metadata"]["labels"]
     assert not deployment["spec"]["selector"]["matchLabels"].items() <= ray_labels.items()
@@ -349,6 +350,7 @@ def test_existing_cluster_install_has_no_ray_objects():
     assert not of_kind(objects, "RayCluster") and not of_kind(objects, "NetworkPolicy")
     (config,) = of_kind(objects, "ConfigMap")
     assert config["data"]["RAYSFT_RAY_ADDRESS"] == "http://shared-ray-head-svc.ray-system.svc:8265"
+    assert config["data"]["RAYSFT_SERVE_ADDRESS"] == "http://shared-ray-head-svc.ray-system.svc:8000"
     assert "shared-ray-token" in secret_refs(objects)
 
 

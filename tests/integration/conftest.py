@@ -1,9 +1,20 @@
-"""The reference run that several slow tests compare against, trained once per session."""
+"""What several integration modules share: the reference run the slow tests compare against,
+trained once per session, and a local Ray head per module."""
 
 from __future__ import annotations
 
 import pytest
 from support.jobs import Finished, finished, reference_spec, run
+
+from service import local_ray
+
+
+@pytest.fixture(scope="module")
+def head() -> local_ray.LocalRay:
+    """A local Ray head with token auth, as `raysft serve` starts one."""
+    ray = local_ray.start(num_cpus=4)
+    yield ray
+    ray.stop()
 
 
 @pytest.fixture(scope="session")

@@ -19,13 +19,6 @@ from support.service import ADMIN_KEY, REPO, Service, dataset_body, training_bod
 from service import local_ray, store
 
 pytestmark = pytest.mark.integration
-@pytest.fixture(scope="module")
-def head():
-    ray = local_ray.start(num_cpus=4)
-    yield ray
-    ray.stop()
-
-
 @pytest.fixture
 def service(tmp_path, tiny_model, head):
     svc = Service(tmp_path / "data", tiny_model, head)

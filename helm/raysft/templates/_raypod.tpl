@@ -56,6 +56,8 @@ spec:
           containerPort: 10001
         - name: metrics
           containerPort: 8080
+        - name: serve
+          containerPort: 8000
       {{- end }}
       env:
         {{- include "raysft.commonEnv" $root | nindent 8 }}
