@@ -89,8 +89,9 @@ soak: $(STAMP)
 test-ui: $(STAMP)
 	$(PY) -m pytest -q tests/ui
 
-# make demo, checked: the real model through the service learns the house style (a few minutes);
-# and Gemma 3 270M imported, loaded, and masked with its own tokenizer.
+# make demo, checked: the real model through the service learns the house style; the same through
+# the openai package (fine_tuning.jobs.create, then chat.completions.create on the ft: model); and
+# Gemma 3 270M imported, loaded, and masked with its own tokenizer (about 8 minutes).
 test-real-model: $(STAMP) $(REAL_MODEL)/config.json $(GEMMA3_MODEL)/config.json
 	$(PY) -m pytest -q tests/real_model
 
