@@ -11,7 +11,7 @@ each with the scaffold tokenizer). It measures:
   2. `datasets.map(batched=True, num_proc=N)` running the job's own render + tokenize + mask
      function (`jobs.prepare.stages.RenderTokenize`) over the same conversations;
   3. `jobs.prepare` end to end on a local Ray cluster of N CPUs, as `ray job submit` runs it: a
-     driver process joining the cluster (`tests/support/driver.py`), Ray Data path; tokens/s over
+     driver process joining the cluster (`tests/support/driver.py`), Ray path; tokens/s over
      the job's own clock (from the inputs resolved to the manifest written), and the driver's
      peak RSS;
   4. the same preparation again: a cache hit, the whole CLI's wall time;

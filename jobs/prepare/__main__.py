@@ -25,9 +25,10 @@ from jobs.prepare.spec import load_spec
 def main(argv: list[str] | None = None) -> int:
     parser = job_arguments("python -m jobs.prepare", __doc__.split("\n\n")[0], "dataset", "max_seq_length=2048")
     parser.add_argument("--batch-size", type=int, default=Options.batch_size, help="rows per tokenizer call")
-    parser.add_argument("--blocks", type=int, default=None, help="repartition parsed rows into N blocks before tokenizing")
+    parser.add_argument("--blocks", type=int, default=None, help="tokenize in at least N tasks, splitting files into parts "
+                        "(default: 2 per CPU)")
     parser.add_argument("--in-process-max-bytes", type=int, default=Options.in_process_max_bytes,
-                        help="inputs up to this size skip Ray Data and run in this process (0: always Ray Data)")
+                        help="inputs up to this size skip Ray and run in this process (0: always on Ray)")
     parser.add_argument("--force", action="store_true",
                         help="prepare again even if the output was prepared from the same spec, input files and "
                              "tokenizer (by default that output is reused)")

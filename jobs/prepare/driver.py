@@ -1,7 +1,7 @@
 """The driver of `jobs.prepare`: conversation datasets -> tokenized, masked, packed Parquet with a manifest.
 
 One streaming pass reads and parses every file row by row, then renders, tokenizes and masks
-(`stages`): on Ray Data (`ray_pass`) for large inputs, in this process (`rows.LocalRows`) for
+(`stages`): in Ray tasks (`ray_pass`) for large inputs, in this process (`rows.LocalRows`) for
 small ones, where starting Ray workers (each imports transformers and loads the tokenizer) costs
 more than the work. The global steps then run over those rows wherever they are, as the same pure
 batch functions: `max_samples` from per-file row counts, exact de-duplication by hash bucket of
@@ -54,7 +54,7 @@ from jobs.prepare.selection import (
     tally,
 )
 from jobs.prepare.spec import DatasetSpec, Dedup, Packing
-from jobs.prepare.stages import RenderTokenize, add_tokens, parse_file
+from jobs.prepare.stages import RenderTokenize, tokenize_file
 
 log = logging.getLogger("raysft.prepare")
 
@@ -74,7 +74,7 @@ class RejectRatioExceeded(RuntimeError):
 
 
 def tokenized_rows(spec: DatasetSpec, inputs: Inputs, options: Options) -> tuple[Rows, int]:
-    """Every row read, with its tokens or reject reason: on Ray Data or, for small inputs, in
+    """Every row read, with its tokens or reject reason: in Ray tasks or, for small inputs, in
     this process (the same functions, so the same rows). Returns them and how many were read."""
     if inputs.total_bytes > options.in_process_max_bytes:
         from jobs.prepare.ray_pass import tokenized_rows as on_ray  # Ray only where it is used
@@ -82,14 +82,10 @@ def tokenized_rows(spec: DatasetSpec, inputs: Inputs, options: Options) -> tuple
         return on_ray(spec, inputs, options)
     log.info("prepare: %d input bytes, at most %d: tokenizing in this process", inputs.total_bytes,
              options.in_process_max_bytes)
-    stage, tables, file_index = RenderTokenize(spec, inputs.tokenizer), [], 0
-    for i, (source, (fs, paths)) in enumerate(zip(spec.sources, inputs.files, strict=True)):
-        for path in paths:
-            rows = parse_file(path, storage.read_bytes(fs, path), file_index, i, source, spec)
-            file_index += 1
-            for start in range(0, len(rows), options.batch_size):
-                tables.append(add_tokens(pa.Table.from_pylist(rows[start:start + options.batch_size]), stage))
-    tables = [t for t in tables if t.num_rows]
+    stage = RenderTokenize(spec, inputs.tokenizer)
+    tables = [tokenize_file(path, storage.read_bytes(fs, path), file_index, source_index, stage, options.batch_size)
+              for file_index, (source_index, fs, path) in enumerate(inputs.numbered_files())]
+    tables = [t for t in tables if t is not None]
     read = sum(t.num_rows for t in tables)
     log.info("prepare: processed %d rows", read)
     return LocalRows(pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})), read
@@ -131,7 +127,9 @@ def prepare(spec: DatasetSpec, options: Options = Options()) -> Manifest:
             sigs = rows.map(signatures, limits=limits, buckets=64)
             losers = sigs.per_group("bucket", duplicate_losers, LOSERS_SCHEMA)
             losers = losers.sort_by("order")  # decide() looks orders up by binary search
-    decided = rows.map(decide, spec=spec, limits=limits, losers=losers)
+    # Four steps read each row's fate: decide it once. The tokenized rows are then only in `decided`.
+    decided = rows.map(decide, spec=spec, limits=limits, losers=losers).cached()
+    del rows
     with step("weights, split and summaries"):
         totals = tally(decided.map(summarize, capacity=spec.max_seq_length).collect(SUMMARY_SCHEMA))
     rows_read = totals.accepted + sum(totals.rejected.values())

@@ -23,12 +23,12 @@ from jobs.prepare.templates import ChatTemplate, build_template
 class Options:
     """How to run, not what to produce: none of these change the output."""
 
-    num_cpus: int | None = None  # size of a local cluster, when the job starts one for Ray Data
-    # Inputs up to this size are read and tokenized in this process, without Ray Data: about
+    num_cpus: int | None = None  # size of a local cluster, when the job starts one
+    # Inputs up to this size are read and tokenized in this process, without Ray: about
     # two seconds of tokenizing on one core, less than Ray workers take to start.
     in_process_max_bytes: int = 4 << 20
     batch_size: int = 256  # rows per tokenizer call
-    blocks: int | None = None  # repartition parsed rows into this many blocks (default: one per file)
+    blocks: int | None = None  # tokenize in at least this many tasks, files split into parts (default: 2 per CPU)
     force: bool = False  # prepare again even where an earlier output of the same inputs can be reused
 
 
@@ -57,6 +57,11 @@ class Inputs:
     template: ChatTemplate  # checked against the tokenizer; its `eot` is trained after every reply
     files: list[tuple[Any, list[str]]]  # per source: (filesystem, paths)
     total_bytes: int  # the size of every file together
+
+    def numbered_files(self) -> list[tuple[int, Any, str]]:
+        """(source index, filesystem, path) of every file, in the order files are numbered: by
+        source, then path."""
+        return [(i, fs, path) for i, (fs, paths) in enumerate(self.files) for path in paths]
 
 
 def locate_inputs(spec: DatasetSpec) -> Located:

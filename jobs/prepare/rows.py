@@ -1,5 +1,5 @@
 """Where the rows of a preparation live while its steps run over them: `LocalRows` holds them in
-this process (small inputs); `ray_pass.RayRows` keeps them as Ray Data blocks across the cluster.
+this process (small inputs); `ray_pass.RayRows` keeps them as blocks in Ray's object store.
 Both run the same pure batch functions (`selection`, `outputs`), so both give the same output,
 and the driver's steps read the same whichever it got."""
 
@@ -19,6 +19,9 @@ class Rows(Protocol):
     def map(self, fn: BatchFn, **kwargs: Any) -> Rows:
         """`fn(batch, **kwargs)` over every batch of rows."""
 
+    def cached(self) -> Rows:
+        """The same rows, their steps run once now rather than by every later use."""
+
     def per_group(self, column: str, fn: BatchFn, schema: pa.Schema, **kwargs: Any) -> pa.Table:
         """`fn(group, **kwargs)` once per distinct value of `column`, given all its rows; returns
         what the calls return (small summaries, of `schema`), in this process."""
@@ -35,6 +38,9 @@ class LocalRows:
 
     def map(self, fn: BatchFn, **kwargs: Any) -> LocalRows:
         return LocalRows(fn(self.table, **kwargs))
+
+    def cached(self) -> LocalRows:
+        return self  # `map` ran its step already
 
     def per_group(self, column: str, fn: BatchFn, schema: pa.Schema, **kwargs: Any) -> pa.Table:
         table = self.table.take(pc.sort_indices(self.table, sort_keys=[(column, "ascending")]))

@@ -5,7 +5,7 @@ Every row carries `order`: its file's index in (source, path) order, shifted lef
 row number in the file, so comparing orders compares (source, file, line). Each decision depends
 only on the row itself (its key and the spec's seed) or on small tables worked out once from
 per-file and per-bucket summaries (`row_limits`, `duplicate_losers`). Any batching, any number of
-CPUs and any retried task therefore give the same result, in one process or on Ray Data.
+CPUs and any retried task therefore give the same result, in one process or on Ray.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The per-row work of preparation as plain functions over batches, free of Ray.
 
 `parse_file` turns one file into rows (messages or a reject reason); `add_tokens` renders,
-tokenizes and masks a batch of them. The driver runs them in its own process for small inputs,
-`ray_pass` inside Ray Data tasks for large ones, and the benchmark under `datasets.map`: the
-same functions everywhere, so all three give (and measure) identical work.
+tokenizes and masks a batch of them; `tokenize_file` does both for a file. The driver runs it in
+its own process for small inputs, `ray_pass` inside Ray tasks for large ones, and the benchmark
+runs `RenderTokenize` under `datasets.map`: the same functions everywhere, so all three give (and
+measure) identical work.
 """
 
 from __future__ import annotations
@@ -33,13 +34,17 @@ def row_order(file_index: int, row: int) -> int:
 
 
 def parse_file(path: str, data: bytes, file_index: int, source_index: int, source: Source,
-               spec: DatasetSpec) -> list[dict[str, Any]]:
+               spec: DatasetSpec, part: tuple[int, int] = (0, 1)) -> list[dict[str, Any]]:
     """Every row of one file, normalised to messages or marked with its reject reason, with its
-    `order` (`row_order`).
+    `order` (`row_order`); with `part=(k, n)`, only rows k, k+n, k+2n, ... (one of n tasks
+    sharing a file).
 
     With `max_samples`, rows past it in this file are not read: no later file can need them."""
     out = []
+    k, n = part
     for number, row in enumerate(itertools.islice(split_rows(path, data), source.max_samples)):
+        if number % n != k:
+            continue
         messages_json, key, reason, detail = "", "", row.reason or OK, row.detail
         if row.record is not None:
             try:
@@ -50,8 +55,7 @@ def parse_file(path: str, data: bytes, file_index: int, source_index: int, sourc
             except RowReject as e:
                 reason, detail = e.reason, e.detail
         out.append({"source": source_index, "order": row_order(file_index, number), "path": path, "line": row.line,
-                    "raw": row.raw,
-                    "messages": messages_json, "key": key, "reason": reason, "detail": detail})
+                    "raw": row.raw, "messages": messages_json, "key": key, "reason": reason, "detail": detail})
     return out
 
 
@@ -127,6 +131,17 @@ def add_tokens(batch: pa.Table, stage: RenderTokenize) -> pa.Table:
         "labels", list_array(labels)).append_column(
         "sample_lens", list_array(lens)).append_column(
         "truncated", pa.array(truncated, pa.bool_()))
+
+
+def tokenize_file(path: str, data: bytes, file_index: int, source_index: int, stage: RenderTokenize,
+                  batch_size: int, part: tuple[int, int] = (0, 1)) -> pa.Table | None:
+    """`parse_file` then `add_tokens` in batches of `batch_size` rows: one file's (or part's) rows
+    tokenized, or None when it has none."""
+    spec = stage.spec
+    rows = parse_file(path, data, file_index, source_index, spec.sources[source_index], spec, part)
+    batches = [add_tokens(pa.Table.from_pylist(rows[start:start + batch_size]), stage)
+               for start in range(0, len(rows), batch_size)]
+    return pa.concat_tables(batches) if batches else None
 
 
 def list_array(arrays: list[np.ndarray]) -> pa.Array:

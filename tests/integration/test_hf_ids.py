@@ -90,7 +90,7 @@ def test_a_dataset_on_the_hub_is_read_from_its_cache_by_split_and_subset(hub_dat
     assert manifest["counts"]["samples"] == {"train": rows - 10, "val": 10}
     assert manifest["split_origins"]["val"] == ["hf://datasets/raysft/chats (all)"]
 
-    # A path in the repository names the files outright, here read by Ray Data's tasks (each reads
+    # A path in the repository names the files outright, here read by Ray tasks (each reads
     # its file from its node's Hub cache); an absent split is a spec problem with its fix.
     by_path = spec | {"output": str(tmp_path / "by-path"),
                       "sources": [{"uri": "hf://datasets/raysft/chats/data/test-*.parquet"}]}

@@ -58,7 +58,7 @@ def check_rows(table, max_len: int) -> int:
 
 def test_demo_end_to_end(ray_cluster, demo_spec, tiny_model, tmp_path):
     spec = load_spec(demo_spec(tmp_path / "out"))
-    manifest = prepare(spec, Options(in_process_max_bytes=0)).model_dump()  # on Ray Data
+    manifest = prepare(spec, Options(in_process_max_bytes=0)).model_dump()  # on Ray
     on_disk = json.loads((tmp_path / "out/manifest.json").read_text())
     assert on_disk["spec_hash"] == manifest["spec_hash"] == spec.spec_hash()
     c = manifest["counts"]
@@ -142,26 +142,26 @@ def run_job(spec: dict, *args: str, env: dict | None = None) -> subprocess.Compl
     return proc
 
 
-RAY_DATA = ("--in-process-max-bytes", "0")  # the demo data is small enough to skip Ray Data
+ON_RAY = ("--in-process-max-bytes", "0")  # the demo data is small enough to skip Ray
 
 
 @pytest.fixture(scope="module")
 def reference_run(demo_spec, tmp_path_factory):
-    """The demo spec prepared by the CLI on Ray Data: a 1-CPU cluster, one block, large batches."""
+    """The demo spec prepared by the CLI on Ray: a 1-CPU cluster, one task, large batches."""
     out = tmp_path_factory.mktemp("ref") / "out"
-    proc = run_job(demo_spec(out), *RAY_DATA, "--num-cpus", "1", "--blocks", "1", "--batch-size", "512")
+    proc = run_job(demo_spec(out), *ON_RAY, "--num-cpus", "1", "--blocks", "1", "--batch-size", "512")
     assert "prepare: processed 330 rows" in proc.stderr  # the progress line
-    assert "Execution plan of Dataset" in proc.stderr
+    assert "Ray tasks on 1 CPUs" in proc.stderr
     return out
 
 
 @pytest.mark.parametrize("args", [
-    (*RAY_DATA, "--num-cpus", "2", "--blocks", "7", "--batch-size", "16"),
+    (*ON_RAY, "--num-cpus", "2", "--blocks", "7", "--batch-size", "16"),
     ("--batch-size", "16"),  # small inputs run in the driver process: the same output
-], ids=["ray-data-2-cpus-7-blocks", "in-process"])
+], ids=["ray-2-cpus-7-tasks", "in-process"])
 def test_deterministic_across_cpus_block_sizes_and_executors(reference_run, demo_spec, tmp_path, args):
     proc = run_job(demo_spec(tmp_path / "out"), *args)
-    assert ("Execution plan of Dataset" in proc.stderr) == ("--in-process-max-bytes" in args)
+    assert ("Ray tasks" in proc.stderr) == ("--in-process-max-bytes" in args)
     # Every reject with its path, line and raw text (the data card names the output: not compared).
     assert read_rejects(reference_run) == read_rejects(tmp_path / "out")
     for split in ("train", "val"):
@@ -221,7 +221,7 @@ def test_s3_sources_tokenizer_and_output(s3_server, reference_run, demo_spec, ti
     spec = demo_spec("s3://sft/prepared/demo", tokenizer="s3://sft/models/tiny")
     for source in spec["sources"]:
         source["uri"] = "s3://sft/raw/" + Path(source["uri"]).name
-    run_job(spec, *RAY_DATA, "--num-cpus", "2", env=s3_server)
+    run_job(spec, *ON_RAY, "--num-cpus", "2", env=s3_server)
 
     manifest = json.loads(s3.get_object(Bucket="sft", Key="prepared/demo/manifest.json")["Body"].read())
     assert manifest["status"] == "succeeded"

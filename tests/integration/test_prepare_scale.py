@@ -80,7 +80,7 @@ def kill_one_tokenize_task(proc: subprocess.Popen, killed: list[int]) -> None:
 
     while proc.poll() is None and not killed:
         for worker in psutil.process_iter(["pid", "cmdline"]):
-            if "tokenize_batch" in " ".join(worker.info["cmdline"] or ()):
+            if "_tokenize_part" in " ".join(worker.info["cmdline"] or ()):
                 worker.kill()
                 killed.append(worker.info["pid"])
                 return

@@ -144,7 +144,7 @@ def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason_and_keeps_its_log(tm
     try:
         inputs = data_dir / "artifacts/tenants/admin/inputs"
         inputs.mkdir(parents=True)
-        # Over 4 MiB, so the job runs on Ray Data (small inputs finish in the driver in seconds)
+        # Over 4 MiB, so the job runs on Ray (small inputs finish in the driver in seconds)
         # and is still running when the head goes.
         (inputs / "alpaca.jsonl").write_bytes((REPO / "configs/data/alpaca.jsonl").read_bytes() * 140)
         job = service.http.post("/v1/datasets", json=dataset_body(data_dir, sources=[

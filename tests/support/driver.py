@@ -32,13 +32,13 @@ sys.exit(code)
 
 
 def _small_thread_stacks() -> None:
-    # Each thread reserves its stack in the address space (8 MiB by default) and Ray Data starts
+    # Each thread reserves its stack in the address space (8 MiB by default) and Ray starts
     # a few: 2 MiB is plenty for them and keeps a cap about the data.
     resource.setrlimit(resource.RLIMIT_STACK, (2 << 20, 2 << 20))
 
 
 def start(spec: dict, cluster_env: dict[str, str], *args: str, cap_growth: int = 0) -> subprocess.Popen:
-    """Start the driver (Ray Data path forced); `communicate()` it, then `measured()` its stdout.
+    """Start the driver (Ray path forced); `communicate()` it, then `measured()` its stdout.
     With `cap_growth`, its address space may grow by at most that many bytes after start-up (what
     Ray maps on connecting, about 7 GB of object-store reservations, is the same whatever the data)."""
     return subprocess.Popen(

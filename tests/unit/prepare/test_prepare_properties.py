@@ -88,6 +88,10 @@ def test_every_row_of_any_file_is_output_or_rejected(records, junk, suffix, fmt)
     assert len({row["line"] for row in rows}) == len(rows) or FILE_TYPES[suffix] == "json"
     # Rows keep their file order in `order`, whatever their line numbers: the global steps sort by it.
     assert [row["order"] for row in rows] == [row_order(3, i) for i in range(len(rows))]
+    # Tasks sharing a file (`part`) read every row once between them, each row as the whole file's.
+    parts = [parse_file(f"x{suffix}", file_bytes(FILE_TYPES[suffix], records, junk), 3, 0, spec.sources[0], spec, (k, 3))
+             for k in range(3)]
+    assert sorted((row for part in parts for row in part), key=lambda row: row["order"]) == rows
 
 
 @pytest.mark.parametrize("name", [t for t in TemplateName if t is not TemplateName.TOKENIZER])
