@@ -51,7 +51,7 @@ def _map_fn(batch, spec_json, tok_dir):
     global _STAGE
     if _STAGE is None:  # once per worker process, as the job caches it per Ray worker
         _STAGE = RenderTokenize(DatasetSpec.model_validate_json(spec_json), tokenizer_files.load(tokenizer_files.fetch(tok_dir)))
-    cols = _STAGE.columns(batch["messages"])
+    cols = _STAGE.columns([json.loads(m) for m in batch["messages"]])  # as parsed rows reach the job's stage
     return {"input_ids": cols["input_ids"], "labels": cols["labels"], "reason": cols["reason"]}
 
 

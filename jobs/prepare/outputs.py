@@ -46,7 +46,8 @@ SAMPLES_SCHEMA = pa.schema([("group", pa.int64()), ("order", pa.int64()),
 def emit_samples(decided: pa.Table, partitions: list[int]) -> pa.Table:
     """Every accepted row as its samples (sampling-weight copies), each tagged with its output
     file (`group`: split, partition)."""
-    accepted = decided.filter(pc.equal(decided.column("reason"), OK))
+    accepted = decided.select(["split", "order", "copies", "sample_lens", "input_ids", "labels"]).filter(
+        pc.equal(decided.column("reason"), OK))
     split = accepted.column("split").to_numpy(zero_copy_only=False).astype(np.int64)
     orders = accepted.column("order").to_numpy()
     copies = accepted.column("copies").to_numpy(zero_copy_only=False).astype(np.int64)
@@ -58,7 +59,8 @@ def emit_samples(decided: pa.Table, partitions: list[int]) -> pa.Table:
     samples = pa.table({name: offsets_list(offsets, pc.list_flatten(accepted.column(name).combine_chunks()))
                         for name in ("input_ids", "labels")})
     take = np.repeat(np.arange(len(row_of)), copies[row_of])
-    tokens = samples.take(take)
+    # Accepted rows have at least one copy: as many copies as samples means one each, and no copying.
+    tokens = samples if len(take) == len(row_of) else samples.take(take)
     return pa.table({"group": group[row_of][take], "order": orders[row_of][take],
                      "input_ids": tokens.column("input_ids"), "labels": tokens.column("labels")}, schema=SAMPLES_SCHEMA)
 

@@ -65,7 +65,7 @@ def within_limits(batch: pa.Table, limits: np.ndarray | None) -> pa.Table:
 def signatures(batch: pa.Table, limits: np.ndarray | None, buckets: int) -> pa.Table:
     """The small part of each usable row de-duplication needs, with a hash bucket of its key:
     equal keys share a bucket, so buckets are de-duplicated independently."""
-    rows = within_limits(batch, limits)
+    rows = within_limits(batch.select(["key", "order", "path", "line", "reason"]), limits)  # not the tokens
     rows = rows.filter(pc.equal(rows.column("reason"), OK)).select(["key", "order", "path", "line"])
     bucket = [int(key[:8], 16) % buckets for key in rows.column("key").to_pylist()]
     return rows.append_column("bucket", pa.array(bucket, pa.int64()))
@@ -145,15 +145,17 @@ def summarize(decided: pa.Table, capacity: int) -> pa.Table:
     per split, a histogram of sample lengths, and the batch's best candidates for the data card
     (most trained runs, then shortest, then first). Sums of these are exact for the whole data."""
     ok = pc.equal(decided.column("reason"), OK)
-    accepted = decided.filter(ok)
-    lengths = pc.list_value_length(accepted.column("input_ids").combine_chunks()).to_numpy(zero_copy_only=False)
-    trained = pc.list_flatten(accepted.column("labels").combine_chunks()).to_numpy() != IGNORE_INDEX
+    accepted = decided.select(["labels", "order", "sample_lens", "split", "copies", "truncated"]).filter(ok)
+    labels = accepted.column("labels").combine_chunks()
+    lengths = pc.list_value_length(labels).to_numpy(zero_copy_only=False)
+    trained = pc.list_flatten(labels).to_numpy() != IGNORE_INDEX
     starts = np.cumsum(lengths) - lengths
     # A trained run starting anywhere but at a sample's first token: what the data card ranks by.
     run_start = np.zeros(len(trained), dtype=bool)
     run_start[1:] = trained[1:] & ~trained[:-1]
     run_start[starts] = False
-    turns = np.add.reduceat(run_start, starts) if len(lengths) else np.zeros(0, np.int64)
+    row_of_start = np.searchsorted(starts, np.flatnonzero(run_start), side="right") - 1
+    turns = np.bincount(row_of_start, minlength=len(lengths))
     orders = accepted.column("order").to_numpy()
     best = np.lexsort((orders, lengths, -turns))[:SHOWN]
     # Counted per sample: a row may hold several (`reasoning: keep`), each copied by the row's weight.

@@ -10,14 +10,13 @@ measure) identical work.
 from __future__ import annotations
 
 import itertools
-import json
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from jobs.prepare.filters import apply_filters, conversation_key
-from jobs.prepare.formats import RowReject, to_messages
+from jobs.prepare.formats import Message, RowReject, to_messages
 from jobs.prepare.labels import Tokenized, tokenize_rendered
 from jobs.prepare.packing import offsets_list
 from jobs.prepare.records import split_rows
@@ -35,8 +34,8 @@ def row_order(file_index: int, row: int) -> int:
 
 def parse_file(path: str, data: bytes, file_index: int, source_index: int, source: Source,
                spec: DatasetSpec, part: tuple[int, int] = (0, 1)) -> list[dict[str, Any]]:
-    """Every row of one file, normalised to messages or marked with its reject reason, with its
-    `order` (`row_order`); with `part=(k, n)`, only rows k, k+n, k+2n, ... (one of n tasks
+    """Every row of one file, normalised to `messages` (None for a row rejected here) or marked
+    with its reject reason, with its `order` (`row_order`); with `part=(k, n)`, only rows k, k+n, k+2n, ... (one of n tasks
     sharing a file).
 
     With `max_samples`, rows past it in this file are not read: no later file can need them."""
@@ -45,36 +44,35 @@ def parse_file(path: str, data: bytes, file_index: int, source_index: int, sourc
     for number, row in enumerate(itertools.islice(split_rows(path, data), source.max_samples)):
         if number % n != k:
             continue
-        messages_json, key, reason, detail = "", "", row.reason or OK, row.detail
+        messages, key, reason, detail = None, "", row.reason or OK, row.detail
         if row.record is not None:
             try:
                 messages = to_messages(row.record, source.format, source.fields)
                 apply_filters(messages, spec.filters)
-                messages_json = json.dumps(messages, ensure_ascii=False)
                 key = conversation_key(messages)
             except RowReject as e:
-                reason, detail = e.reason, e.detail
+                messages, reason, detail = None, e.reason, e.detail
         out.append({"source": source_index, "order": row_order(file_index, number), "path": path, "line": row.line,
-                    "raw": row.raw, "messages": messages_json, "key": key, "reason": reason, "detail": detail})
+                    "raw": row.raw, "messages": messages, "key": key, "reason": reason, "detail": detail})
     return out
 
 
 class RenderTokenize:
-    """Messages (JSON) -> template -> token ids + labels. Build once per worker: it holds the tokenizer."""
+    """Messages -> template -> token ids + labels. Build once per worker: it holds the tokenizer."""
 
     def __init__(self, spec: DatasetSpec, tokenizer: Any):
         self.spec = spec
         self.tokenizer = tokenizer
         self.template = build_template(spec.template, tokenizer, spec.eot_token, spec.reasoning)
 
-    def __call__(self, messages_json: list[str]) -> list[list[Tokenized] | RowReject]:
+    def __call__(self, conversations: list[list[Message]]) -> list[list[Tokenized] | RowReject]:
         """Each row's samples (one, or more where `reasoning: keep` splits it), or why it is rejected:
         a row is kept whole or rejected whole."""
-        results: list[list[Tokenized] | RowReject] = [[] for _ in messages_json]
+        results: list[list[Tokenized] | RowReject] = [[] for _ in conversations]
         texts, spans, where = [], [], []
-        for i, raw in enumerate(messages_json):
+        for i, messages in enumerate(conversations):
             try:
-                samples = self.template.samples(json.loads(raw), self.spec.train_on)
+                samples = self.template.samples(messages, self.spec.train_on)
             except RowReject as e:
                 results[i] = e
                 continue
@@ -91,13 +89,13 @@ class RenderTokenize:
                 row.append(result)
         return results
 
-    def columns(self, messages_json: list[str]) -> dict[str, list]:
+    def columns(self, conversations: list[list[Message]]) -> dict[str, list]:
         """The same work as columns: input_ids and labels (a row's samples one after the other),
         sample_lens, truncated, reason, detail."""
         cols: dict[str, list] = {name: [] for name in ("input_ids", "labels", "sample_lens", "truncated", "reason",
                                                        "detail")}
         empty = np.empty(0, np.int32)
-        for result in self(messages_json):
+        for result in self(conversations):
             rejected = isinstance(result, RowReject)
             samples = [] if rejected else result
             cols["input_ids"].append(np.concatenate([s.input_ids for s in samples]) if samples else empty)
@@ -109,22 +107,28 @@ class RenderTokenize:
         return cols
 
 
-def add_tokens(batch: pa.Table, stage: RenderTokenize) -> pa.Table:
-    """Render + tokenize + mask the usable rows of a batch of parsed rows.
+# The columns of a parsed row kept beside its tokens (its messages are not: they are in the tokens).
+PARSED_SCHEMA = pa.schema([("source", pa.int64()), ("order", pa.int64()), ("path", pa.string()), ("line", pa.int64()),
+                           ("raw", pa.string()), ("key", pa.string())])
+
+
+def add_tokens(rows: list[dict[str, Any]], stage: RenderTokenize) -> pa.Table:
+    """Render + tokenize + mask the usable ones of a batch of parsed rows: a table of the rows
+    (`PARSED_SCHEMA`), each with its tokens or reject reason.
 
     Rows already rejected while parsing pass through untouched; a row rejected here (too long,
-    nothing to train, template error) gets its reason. The messages column is dropped."""
-    reasons = batch.column("reason").to_pylist()
-    details = batch.column("detail").to_pylist()
+    nothing to train, template error) gets its reason."""
+    reasons = [row["reason"] for row in rows]
+    details = [row["detail"] for row in rows]
     todo = [i for i, r in enumerate(reasons) if r == OK]
-    cols = stage.columns(batch.column("messages").take(todo).to_pylist())
+    cols = stage.columns([rows[i]["messages"] for i in todo])
     empty = np.empty(0, np.int32)
     ids, labels, lens = [empty] * len(reasons), [empty] * len(reasons), [empty] * len(reasons)
     truncated = [False] * len(reasons)
     for j, i in enumerate(todo):
         ids[i], labels[i], lens[i] = cols["input_ids"][j], cols["labels"][j], cols["sample_lens"][j]
         truncated[i], reasons[i], details[i] = cols["truncated"][j], cols["reason"][j], cols["detail"][j]
-    return batch.drop_columns(["messages", "reason", "detail"]).append_column(
+    return pa.Table.from_pylist(rows, schema=PARSED_SCHEMA).append_column(
         "reason", pa.array(reasons, pa.string())).append_column(
         "detail", pa.array(details, pa.string())).append_column(
         "input_ids", list_array(ids)).append_column(
@@ -139,8 +143,7 @@ def tokenize_file(path: str, data: bytes, file_index: int, source_index: int, st
     tokenized, or None when it has none."""
     spec = stage.spec
     rows = parse_file(path, data, file_index, source_index, spec.sources[source_index], spec, part)
-    batches = [add_tokens(pa.Table.from_pylist(rows[start:start + batch_size]), stage)
-               for start in range(0, len(rows), batch_size)]
+    batches = [add_tokens(rows[start:start + batch_size], stage) for start in range(0, len(rows), batch_size)]
     return pa.concat_tables(batches) if batches else None
 
 
