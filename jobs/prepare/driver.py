@@ -124,10 +124,10 @@ def prepare(spec: DatasetSpec, options: Options = Options()) -> Manifest:
     losers = None
     if spec.dedup is Dedup.EXACT:
         with step("de-duplication"):
-            sigs = rows.map(signatures, limits=limits, buckets=64)
-            losers = sigs.per_group("bucket", duplicate_losers, LOSERS_SCHEMA)
+            losers = rows.map(signatures, limits=limits, buckets=64).per_group("bucket", duplicate_losers, LOSERS_SCHEMA)
             losers = losers.sort_by("order")  # decide() looks orders up by binary search
-    # Four steps read each row's fate: decide it once. The tokenized rows are then only in `decided`.
+    # Four steps read each row's fate: decide it once. Nothing else refers to the tokenized rows:
+    # each block is freed once decided, so the object store holds the data once.
     decided = rows.map(decide, spec=spec, limits=limits, losers=losers).cached()
     del rows
     with step("weights, split and summaries"):
