@@ -69,6 +69,9 @@ def run_job(spec: dict, cluster: dict, *args: str) -> tuple[dict, dict, float]:
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         sys.exit(f"jobs.prepare failed:\n{err[-4000:]}")
+    for line in err.splitlines():  # where the job's time went: its steps, as it logs them
+        if " INFO prepare: " in line and " in " in line and "rows/s" not in line:
+            print("   ", line.split(" INFO ", 1)[1], flush=True)
     return json.loads((Path(spec["output"]) / "manifest.json").read_text()), driver.measured(out), wall
 
 
