@@ -27,17 +27,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from jobs.train.console import say
+
 STATE_FILE = "training_state.json"
 
 
 @dataclass
 class Position:
-    """Where training stands: optimizer steps done, the epoch, and micro-batches consumed in it."""
+    """Where training stands: optimizer steps done, the epoch, micro-batches consumed in it, and
+    the tokens trained on so far (summed over workers, up to the last logged step)."""
 
     global_step: int = 0
     epoch: int = 0
     cursor: int = 0
     failures: int = 0  # failures this run recovered from (worker-group restarts, resubmissions)
+    tokens_seen: int = 0  # every token of the samples stepped on (padding excluded)
+    trainable_tokens_seen: int = 0  # those that carried loss
 
 
 # ---------------------------------------------------------------- RNG states
@@ -130,6 +135,8 @@ def restore(engine, directory: Path, rank: int, world_size: int) -> Position:
     if state["world_size"] == world_size:
         set_rng_state(state["rng"][rank])
     else:  # the data split differs too: the run continues, but not bit for bit
-        print(f"resume: checkpoint written by {state['world_size']} workers, now {world_size}: "
-              "random streams restart", flush=True)
-    return Position(state["global_step"], state["epoch"], state["cursor"], state.get("failures", 0))
+        say(f"resume: checkpoint written by {state['world_size']} workers, now {world_size}: "
+            "random streams restart")
+    # Checkpoints written before the running token totals existed resume with them from zero.
+    return Position(state["global_step"], state["epoch"], state["cursor"], state.get("failures", 0),
+                    state.get("tokens_seen", 0), state.get("trainable_tokens_seen", 0))

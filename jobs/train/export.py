@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 
 from jobs.common import storage
 from jobs.common.tokenizer_files import TOKENIZER_FILES
+from jobs.train.console import say
 from jobs.train.spec import Method, TrainingSpec, torch_dtype
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -84,5 +85,5 @@ def export(checkpoint, spec: TrainingSpec, stop_ids: list[int], pad_id: int, bas
         written = build_export(Path(directory), base_model_dir, spec, stop_ids, pad_id, Path(tmp))
         write_checksums(Path(tmp))
         upload_dir(Path(tmp), out_uri)
-    print(f"exported {', '.join(written)} to {out_uri}", flush=True)
+    say(f"exported {', '.join(written)} to {out_uri}")
     return written

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from jobs.common import model_source, run_layout, storage, tokenizer_files
 from jobs.common.contract import IGNORE_INDEX, TOKEN_COLUMNS
 from jobs.train.checkpoint import Position, restore, write_checkpoint
+from jobs.train.console import say
 from jobs.train.data_order import SHUFFLE_BUFFER_ROWS, epoch_order, worker_rows
 from jobs.train.engines.base import Engine
 from jobs.train.engines.registry import make_engine, weights_dtype
@@ -306,8 +307,8 @@ def train_loop(config: dict[str, LoopConfig]) -> None:
             position = restore(engine, directory, rank, world)
         position.failures = position.failures + 1 if recovering else 0
         if rank == 0:
-            print(f"resumed from step {position.global_step} (epoch {position.epoch}, "
-                  f"micro-batch {position.cursor}) after {position.failures} failure(s)", flush=True)
+            say(f"resumed from step {position.global_step} (epoch {position.epoch}, "
+                f"micro-batch {position.cursor}) after {position.failures} failure(s)")
     log = MetricsLog(run_uri, position.global_step, trackers=Trackers(spec, run_uri)) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train") if loop.train_held is None else None
     val_shard = ray.train.get_dataset_shard("val") if loop.has_val else None
@@ -320,7 +321,7 @@ def train_loop(config: dict[str, LoopConfig]) -> None:
         ray.train.report(metrics, checkpoint_upload_mode=upload_mode(spec))
         if rank == 0:
             log.add(metrics, important=True)
-            print(json.dumps(metrics), flush=True)
+            say(json.dumps(metrics))
 
     # Train: one optimizer step per `grad_accum` micro-batches, until `total_steps`.
     window, clock, metrics = LogWindow(), time.perf_counter(), {}
@@ -336,7 +337,7 @@ def train_loop(config: dict[str, LoopConfig]) -> None:
                 clock = time.perf_counter()
                 continue
             metrics = {"step": n, "total_steps": total_steps, "epoch": position.epoch,
-                       "failures": position.failures} | window.metrics(engine.lr()) | worker_accelerators(engine)
+                       "failures": position.failures} | window.metrics(engine.lr(), position) | worker_accelerators(engine)
             if save or answer:  # checkpoints are ranked by eval loss, so each one is evaluated
                 metrics |= evaluate(engine, validation_batches(val_shard, loop, pad_id, rank, world, device), all_reduce_sum)
             if answer and spec.eval.prompts:
@@ -350,7 +351,7 @@ def train_loop(config: dict[str, LoopConfig]) -> None:
                 ray.train.report(metrics, checkpoint_upload_mode=upload_mode(spec))
             if rank == 0:
                 log.add(metrics, important=save or answer)
-                print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True)
+                say(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}))
             window, clock = LogWindow(), time.perf_counter()  # evaluation and checkpoints are not step time
             if n >= total_steps:
                 break
@@ -375,7 +376,7 @@ def export_checkpoint(spec: TrainingSpec, run_uri: str, final, final_eval_loss: 
     best = run_layout.registered(run_uri)
     if best.best is None or best.best_eval_loss is None or best.best_eval_loss >= final_eval_loss:
         return final
-    print(f"exporting {best.best} (eval loss {best.best_eval_loss:.4f} < final {final_eval_loss:.4f})", flush=True)
+    say(f"exporting {best.best} (eval loss {best.best_eval_loss:.4f} < final {final_eval_loss:.4f})")
     fs, path = storage.filesystem(best.best)
     return ray.train.Checkpoint(path=path, filesystem=fs)
 
@@ -414,16 +415,21 @@ class LogWindow:
         self.tokens += step.tokens
         self.samples += step.samples
 
-    def metrics(self, lr: float) -> dict[str, Any]:
+    def metrics(self, lr: float, position: Position) -> dict[str, Any]:
+        """The window's figures, summed over workers in one collective. Its tokens are added to the
+        running totals in `position`: a checkpoint carries them, so they survive a resume."""
         totals = torch.tensor([self.loss, self.trainable_tokens, self.tokens, self.samples], dtype=torch.float64,
                               device=reduce_device())
         if dist.is_initialized():
             dist.all_reduce(totals)
         loss, trainable, tokens, samples = totals.tolist()
+        position.tokens_seen += round(tokens)
+        position.trainable_tokens_seen += round(trainable)
         seconds = max(self.seconds, 1e-9)
         return {"loss": loss / self.steps, "lr": lr, "grad_norm": self.grad_norm, "step_time_s": seconds / self.steps,
                 "trainable_tokens_per_s": trainable / seconds, "tokens_per_s": tokens / seconds,
-                "samples_per_s": samples / seconds}
+                "samples_per_s": samples / seconds, "tokens_seen": position.tokens_seen,
+                "trainable_tokens_seen": position.trainable_tokens_seen}
 
 
 GPU_STATS = ("gpu_peak_allocated_gib", "gpu_peak_reserved_gib", "gpu_utilization_pct")

@@ -75,6 +75,11 @@ def test_killed_job_resumes_exactly_from_its_latest_complete_checkpoint(tiny_mod
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in history] == list(range(1, STEPS + 1))
     assert [entry["failures"] for entry in history] == [0] * latest + [1] * (STEPS - latest)
+    # The running token totals came back with the checkpoint: every step's equal the reference's.
+    reference = [json.loads(line) for line in (zero2_reference.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["tokens_seen"] for e in history] == [e["tokens_seen"] for e in reference if e["step"] > 0]
+    assert ([e["trainable_tokens_seen"] for e in history]
+            == [e["trainable_tokens_seen"] for e in reference if e["step"] > 0])
 
 
 def test_a_job_killed_in_its_second_epoch_resumes_exactly(tiny_model, prepared, zero2_reference):

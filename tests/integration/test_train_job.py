@@ -20,6 +20,13 @@ def assert_learns(metrics: dict[int, dict], steps: int) -> None:
     assert last < first - 0.02, (first, last)
     assert metrics[steps]["eval_loss"] > 0 and 0 <= metrics[steps]["token_accuracy"] <= 1
     assert all(m["trainable_tokens_per_s"] > 0 and m["grad_norm"] is not None for m in metrics.values())
+    # The running totals count what the rates measured: each step (logged alone) adds its own tokens.
+    for step in range(1, steps + 1):
+        m, before = metrics[step], metrics.get(step - 1, {"tokens_seen": 0, "trainable_tokens_seen": 0})
+        assert m["tokens_seen"] - before["tokens_seen"] == pytest.approx(m["tokens_per_s"] * m["step_time_s"], rel=1e-4)
+        assert (m["trainable_tokens_seen"] - before["trainable_tokens_seen"]
+                == pytest.approx(m["trainable_tokens_per_s"] * m["step_time_s"], rel=1e-4))
+        assert 0 < m["trainable_tokens_seen"] < m["tokens_seen"]
 
 
 # Runs in a fresh interpreter: nothing of raysft is imported, only transformers and peft.
@@ -121,7 +128,11 @@ def test_full_finetune_ddp_two_workers(tiny_model, prepared, tmp_path):
     spec = training_spec(tiny_model, prepared, str(tmp_path / "ckpt"), name="full-ddp", method="full",
                          optim={"lr": 0.002, "warmup_ratio": 0.0}, strategy={"kind": "ddp"})
     proc = run("jobs.train", spec)
-    assert_learns(step_metrics(proc.stdout + proc.stderr), 10)
+    output = proc.stdout + proc.stderr
+    assert_learns(step_metrics(output), 10)
+    # Each line rank 0 writes reaches the job's log once (Ray Train's own `print` would log it twice).
+    assert [output.count(f'{{"step": {step},') for step in range(1, 11)] == [1] * 10
+    assert output.count("exported model to") == 1
     # Its private cluster has no State API; Ray Train's cleaner would say so every second.
     assert "Failed to query Ray Train Controller actor state" not in proc.stderr
     assert (tmp_path / "ckpt/full-ddp/step_00000010/ddp_state.pt").exists()
