@@ -13,7 +13,10 @@ How OpenAI's hyperparameters map (each "auto" keeps the base model's configured 
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import re
 from datetime import datetime
 from typing import Any, Literal
 
@@ -140,6 +143,21 @@ def pipeline_body(request: FineTuningRequest, base: FineTunableModel, job_name: 
     return {"dataset": dataset, "training": set_fields(base.training, fields)}
 
 
+METADATA_KEY = re.compile(r"metadata\[(.*)\]")
+
+
+def metadata_filter(params: list[tuple[str, str]]) -> dict[str, str] | Literal["null"] | None:
+    """OpenAI's filter of a job list, from its query: `metadata[k]=v` for each key that must hold
+    that value (a dict), or `metadata=null` for the jobs without metadata ("null"); None: no filter
+    (neither, or an empty object)."""
+    pairs = {match[1]: value for name, value in params if (match := METADATA_KEY.fullmatch(name))}
+    plain = [value for name, value in params if name == "metadata"]
+    if plain and (pairs or plain != ["null"]):
+        raise SpecError(["metadata: filter with metadata[key]=value for each key that must hold that value, "
+                         "or metadata=null for jobs without metadata; not both"])
+    return "null" if plain else pairs or None
+
+
 def file_id(openai_id: str) -> str:
     return openai_id.removeprefix(FILE_PREFIX)
 
@@ -185,6 +203,22 @@ def checkpoint_metrics(row: dict[str, Any]) -> dict[str, float]:
     names = {"step": "step", "loss": "train_loss", "eval_loss": "valid_loss", "token_accuracy": "valid_mean_token_accuracy"}
     return {theirs: row[ours] for ours, theirs in names.items() if isinstance(row.get(ours), int | float)
             and math.isfinite(row[ours])}
+
+
+# OpenAI's result file of a succeeded job: its metrics by step, as CSV.
+RESULTS_FILENAME, RESULTS_PURPOSE = "step_metrics.csv", "fine-tune-results"
+RESULTS_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
+
+
+def results_csv(history: list[dict[str, Any]]) -> bytes:
+    """The result file: a row per logged step (not the base model's step 0), in OpenAI's columns.
+    Validation figures are there at evaluated steps; raysft measures no training accuracy, so that
+    column stays empty."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, RESULTS_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(checkpoint_metrics(row) for row in history if row.get("step", 0) >= 1)
+    return out.getvalue().encode()
 
 
 def events(job: Job, children: list[Job], history: list[dict[str, Any]], checkpoint_steps: list[int],

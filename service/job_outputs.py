@@ -135,6 +135,7 @@ def training(spec: dict[str, Any]) -> dict[str, Any]:
     return {"stage": "train", "step": step, "total_steps": total,
             "percent": round(100 * step / total, 2) if total else None,
             "tokens_per_s": last.get("tokens_per_s"), "trainable_tokens_per_s": last.get("trainable_tokens_per_s"),
+            "tokens_seen": last.get("tokens_seen"),
             "eta_s": round((total - step) * last["step_time_s"], 1) if total and "step_time_s" in last else None,
             "metrics": last, "artifacts": artifacts}
 

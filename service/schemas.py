@@ -62,6 +62,8 @@ class Progress(BaseModel):
                                 "again (submit with `force=true` to prepare again).")
     tokens_per_s: float | None = None
     trainable_tokens_per_s: float | None = None
+    tokens_seen: int | None = Field(None, description="Tokens trained on so far, over all workers and epochs "
+                                    "(prompts and replies, padding excluded).")
     eta_s: float | None = Field(None, description="Seconds left at the current step time.")
 
 

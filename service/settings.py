@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     serve_address: str = Field("", description="Ray Serve's HTTP proxy, where chats are sent (http://head:8000); "
                                "empty: the Ray address's host on serve_port.")
     serve_host: str = Field("127.0.0.1", description="Where Ray Serve's proxy listens on the head (0.0.0.0 in a "
-                            "cluster; keep it unreachable from outside: it takes the control plane's requests only).")
+                            "cluster; keep it unreachable from outside: it takes the control plane's requests only, "
+                            "and under Ray token auth the replicas refuse any request without the service's token).")
     serve_port: int = Field(8000, ge=1, le=65535, description="Ray Serve's proxy port.")
     serve_idle_s: float = Field(300.0, ge=0, description="Seconds a served model may be idle before its replicas "
                                 "scale to zero (the next chat starts one again).")

@@ -12,9 +12,22 @@ import secrets
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import JSON, BigInteger, DateTime, Enum, ForeignKey, String, Text, UniqueConstraint, create_engine, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    ColumnElement,
+    DateTime,
+    Enum,
+    ForeignKey,
+    String,
+    Text,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    select,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -239,6 +252,14 @@ def tenant_for_key(session: Session, key: str) -> str | None:
 
 
 # ---------------------------------------------------------------- files
+
+
+def metadata_matches(wanted: dict[str, str] | Literal["null"]) -> ColumnElement[bool]:
+    """Fine-tuning jobs whose metadata holds each wanted key with its value, or ("null") those
+    without metadata. In SQL (JSON paths both SQLite and PostgreSQL have), so pages stay pages."""
+    if wanted == "null":
+        return Job.fine_tuning["metadata"].as_string().is_(None)
+    return and_(*(Job.fine_tuning[("metadata", key)].as_string() == value for key, value in wanted.items()))
 
 
 def tenant_file(session: Session, tenant_id: str, file_id: str) -> File | None:

@@ -6,7 +6,8 @@ fixed import path (`jobs.serve.app:build`), never code from a request:
 
     {"import_path": "jobs.serve.app:build", "args": {"base": "s3://models/m", "dtype": "fp32"}, ...}
 
-A request (JSON, from the control plane only) is {"messages", "adapter": URI or null,
+A request (JSON, from the control plane only: with `args["token"]` set, one without
+`Authorization: Bearer <token>` gets 401) is {"messages", "adapter": URI or null,
 "stop_tokens", "sampling": {max_tokens, temperature, top_p, seed, stop}}; the answer is JSON Lines:
 {"delta": text} as text becomes final, then {"finish_reason", "usage"}."""
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import tempfile
 from collections import OrderedDict
@@ -22,7 +24,7 @@ from typing import Any
 
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from jobs.serve.generation import Sampling, prompt_ids, stop_ids, stream
 
@@ -34,7 +36,7 @@ IDLE_S = 300.0
 
 @serve.deployment(max_ongoing_requests=8)
 class ChatModel:
-    def __init__(self, base: str, dtype: str = "fp32", max_adapters: int = MAX_ADAPTERS):
+    def __init__(self, base: str, dtype: str = "fp32", max_adapters: int = MAX_ADAPTERS, token: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -54,6 +56,7 @@ class ChatModel:
         # One generation at a time per replica: the active adapter is the model's state. Requests
         # beyond it wait here (and Serve adds replicas, up to the deployment's maximum).
         self.lock = asyncio.Lock()
+        self.authorization = f"Bearer {token}" if token else None
 
     def _with_adapter(self, uri: str) -> Any:
         """Load an adapter once (dropping the least recently used past `max_adapters`), make it
@@ -104,7 +107,10 @@ class ChatModel:
                           "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
                                     "total_tokens": done.prompt_tokens + done.completion_tokens}}) + "\n"
 
-    async def __call__(self, request: Request) -> StreamingResponse:
+    async def __call__(self, request: Request) -> Response:
+        given = request.headers.get("authorization", "")
+        if self.authorization and not hmac.compare_digest(given.encode(), self.authorization.encode()):
+            return PlainTextResponse("this model answers the raysft control plane only", status_code=401)
         body = await request.json()
 
         async def lines():
@@ -121,4 +127,5 @@ class ChatModel:
 
 def build(args: dict[str, Any]) -> serve.Application:
     """The application for `args["base"]` (Serve's import-path builder)."""
-    return ChatModel.bind(args["base"], args.get("dtype", "fp32"), int(args.get("max_adapters", MAX_ADAPTERS)))
+    return ChatModel.bind(args["base"], args.get("dtype", "fp32"), int(args.get("max_adapters", MAX_ADAPTERS)),
+                          args.get("token"))

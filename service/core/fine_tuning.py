@@ -4,15 +4,20 @@ events and checkpoints; the tenant's fine-tuned models beside the base models it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import re
 import time
-from typing import Any
+import uuid
+from typing import Any, Literal
 
-from jobs.common import run_layout
+from sqlalchemy.exc import IntegrityError
+
+from jobs.common import run_layout, storage
 from jobs.common.spec import SpecError
 from service import fine_tuning as ft
-from service import job_outputs
+from service import job_outputs, store
 from service.core import files, job_reads, jobs, serving
 from service.core.context import Core
 from service.core.errors import NotFound
@@ -66,16 +71,43 @@ def job_object(core: Core, job: Job) -> dict[str, Any]:
             "error": {"code": "job_failed", "message": job.error or "", "param": None} if state == "failed" else None,
             "fine_tuned_model": model(job) if state == "succeeded" else None,
             "hyperparameters": hyperparameters, "model": record["model"], "organization_id": job.tenant_id,
-            "result_files": [], "seed": spec["seed"], "status": state, "trained_tokens": None,
+            "result_files": record.get("result_files", []), "seed": spec["seed"], "status": state,
+            "trained_tokens": progress.get("tokens_seen") if state == "succeeded" else None,
             "training_file": record["training_file"], "validation_file": record.get("validation_file"),
             "estimated_finish": int(time.time() + eta) if eta is not None else None, "integrations": None,
             "metadata": record.get("metadata"), "user_provided_suffix": record.get("suffix"),
             "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}}
 
 
-def page(core: Core, tenant: str, after: str | None, limit: int) -> dict[str, Any]:
-    """The tenant's fine-tuning jobs, newest first, `limit` after the job `after`."""
-    found, _ = jobs.page(core, tenant, limit=limit + 1, after=ft.job_id(after) if after else None, fine_tuning=True)
+# Result files are named by their job: uuid5(this, job id).
+RESULTS_NAMESPACE = uuid.UUID("6f0c1f4e-3b1d-4c55-9a7e-2d5b8f1c9e07")
+
+
+def write_results(core: Core, job_id: str) -> None:
+    """Store a succeeded job's result file (`ft.results_csv`) as one of its tenant's files, and
+    name it in the job's `result_files`. Its id is derived from the job's, so a second replica
+    reconciling the same job writes the same object and finds the record already there."""
+    with core.sessions() as session:
+        job = session.get(Job, job_id)
+    file_id = uuid.uuid5(RESULTS_NAMESPACE, job.id).hex
+    data = ft.results_csv(job_reads.metrics_history(core, job))
+    uri = f"{files.directory(core, job.tenant_id, file_id)}/{ft.RESULTS_FILENAME}"
+    fs, path = storage.filesystem(uri)
+    storage.write_bytes(fs, path, data)
+    with core.sessions() as session, contextlib.suppress(IntegrityError):
+        session.add(store.File(id=file_id, tenant_id=job.tenant_id, filename=ft.RESULTS_FILENAME, bytes=len(data),
+                               sha256=hashlib.sha256(data).hexdigest(), uri=uri, purpose=ft.RESULTS_PURPOSE))
+        job = session.get(Job, job_id)
+        job.fine_tuning = {**job.fine_tuning, "result_files": [f"{ft.FILE_PREFIX}{file_id}"]}
+        session.commit()
+
+
+def page(core: Core, tenant: str, after: str | None, limit: int,
+         metadata: dict[str, str] | Literal["null"] | None = None) -> dict[str, Any]:
+    """The tenant's fine-tuning jobs, newest first, `limit` after the job `after`, those `metadata`
+    matches (`ft.metadata_filter`)."""
+    found, _ = jobs.page(core, tenant, limit=limit + 1, after=ft.job_id(after) if after else None, fine_tuning=True,
+                         metadata=metadata)
     return listing([job_object(core, j) for j in found[:limit]], has_more=len(found) > limit)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -18,7 +18,7 @@ from service.core.context import Core
 from service.core.errors import NotFound
 from service.core.submission import submit_pending
 from service.ray_jobs import UnknownToRay
-from service.store import Job, Kind, Status, new_id, now
+from service.store import Job, Kind, Status, metadata_matches, new_id, now
 
 
 def create(core: Core, tenant: str, kind: Kind, body: dict[str, Any], idempotency_key: str | None,
@@ -160,10 +160,10 @@ def children(core: Core, job: Job) -> list[Job]:
 
 def page(core: Core, tenant: str, kind: Kind | None = None, status: Status | None = None, limit: int = 50,
          offset: int = 0, evaluates: str | None = None, after: str | None = None,
-         fine_tuning: bool = False) -> tuple[list[Job], int]:
+         fine_tuning: bool = False, metadata: dict[str, str] | Literal["null"] | None = None) -> tuple[list[Job], int]:
     """The tenant's jobs, newest first (a pipeline's children with their pipeline): `limit` of them
     from `offset`, or after the job `after`; `fine_tuning`: only those created through the OpenAI
-    surface."""
+    surface, and of those, with `metadata`, the ones it matches (`store.metadata_matches`)."""
     query = select(Job).where(Job.tenant_id == tenant, Job.parent_id.is_(None))
     if evaluates is not None:
         query = query.where(Job.evaluates == evaluates)
@@ -171,6 +171,8 @@ def page(core: Core, tenant: str, kind: Kind | None = None, status: Status | Non
         query = query.where(Job.kind == kind)
     if fine_tuning:
         query = query.where(Job.fine_tuning.is_not(None))
+    if metadata is not None:
+        query = query.where(metadata_matches(metadata))
     if status is not None:
         query = query.where(Job.status == status)
     with core.sessions() as session:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from jobs.common import storage
 from service import job_outputs
-from service.core import jobs
+from service.core import fine_tuning, jobs
 from service.core.context import Core
 from service.core.submission import log_copy_uri, submit_pending
 from service.ray_jobs import RayUnavailable, UnknownToRay
@@ -120,7 +120,7 @@ def advance_pipeline(core: Core, pipeline_id: str) -> None:
         pipeline = session.get(Job, pipeline_id)
         children = {c.kind: c for c in session.scalars(select(Job).where(Job.parent_id == pipeline_id))}
         dataset, training = children.get(Kind.DATASET), children.get(Kind.TRAINING)
-        submit = None
+        submit, succeeded = None, False  # succeeded: a fine-tuning job (OpenAI's) that ends now
         if dataset.status is Status.SUCCEEDED and training is None:
             training = jobs.child(pipeline, Kind.TRAINING, pipeline.spec["training"])
             session.add(training)
@@ -133,6 +133,7 @@ def advance_pipeline(core: Core, pipeline_id: str) -> None:
         if failed is not None:
             pipeline.finish(failed.status, f"{failed.kind.value} job {failed.id} {failed.status.value}: {failed.error}")
         elif training is not None and training.status is Status.SUCCEEDED:
+            succeeded = pipeline.status is not Status.SUCCEEDED and pipeline.fine_tuning is not None
             pipeline.finish(Status.SUCCEEDED)
         pipeline.progress = job_outputs.pipeline(dataset.progress or {}, training.progress if training else None)
         try:
@@ -141,3 +142,8 @@ def advance_pipeline(core: Core, pipeline_id: str) -> None:
             return
     if submit is not None:
         submit_pending(core, pipeline_id)
+    if succeeded:
+        try:
+            fine_tuning.write_results(core, pipeline_id)
+        except Exception as e:  # the job has succeeded all the same; its result_files stay empty
+            log.warning("job %s: result file not written: %s", pipeline_id, e)

@@ -2,13 +2,17 @@
 application per base model, deployed through Serve's REST API (the same token-protected dashboard
 as the job API) with replicas that scale to zero when idle; a fine-tuned adapter is named per
 request. The control plane resolves what a tenant may talk to, keeps the limits (tokens per answer,
-chats at once per tenant), and relays the answer as it is generated."""
+chats at once per tenant), and relays the answer as it is generated. Serve's HTTP proxy has no
+authentication of its own, so each application is deployed with a token (`proxy_token`) that its
+replicas require of every request: only the control plane's get an answer."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -63,11 +67,20 @@ def target(job: Job, base_only: bool = False) -> Target:
     return Target(run_layout.export_uri(run, "model"), dtype, None, stops)
 
 
-def application(target: Target, settings: Settings) -> dict[str, Any]:
+def proxy_token(ray_token: str | None) -> str | None:
+    """What the control plane shows Serve's replicas: derived from the Ray cluster's token, so every
+    replica of the service agrees on it and the Ray token itself is never handed out (whoever reads
+    a deployment's arguments holds the Ray token already). None where Ray runs without a token."""
+    if not ray_token:
+        return None
+    return hmac.new(ray_token.encode(), b"raysft serve proxy", hashlib.sha256).hexdigest()
+
+
+def application(target: Target, settings: Settings, token: str | None) -> dict[str, Any]:
     """The Serve application of a target's base model, as Serve's REST API takes it."""
     idle = settings.serve_idle_s
     return {"name": target.app, "route_prefix": f"/{target.app}", "import_path": IMPORT_PATH,
-            "args": {"base": target.base, "dtype": target.dtype},
+            "args": {"base": target.base, "dtype": target.dtype} | ({"token": token} if token else {}),
             "deployments": [{"name": "ChatModel", "max_ongoing_requests": 8,
                              "ray_actor_options": {"num_cpus": settings.serve_cpus, "num_gpus": settings.serve_gpus},
                              "autoscaling_config": {"min_replicas": 0, "initial_replicas": 1,
@@ -84,6 +97,7 @@ class Serving:
     settings: Settings
     chats: dict[str, int] = field(default_factory=dict)  # tenant -> chats answering now (this replica)
     ready: set[str] = field(default_factory=set)  # applications seen RUNNING
+    token: str | None = field(default_factory=lambda: proxy_token(os.environ.get("RAY_AUTH_TOKEN")))
 
     @property
     def proxy(self) -> str:
@@ -110,7 +124,7 @@ class Serving:
                 configs = [a["deployed_app_config"] for a in apps.values() if a.get("deployed_app_config")]
                 client.deploy_applications({
                     "http_options": {"host": self.settings.serve_host, "port": self.settings.serve_port},
-                    "applications": [*configs, application(target, self.settings)]})
+                    "applications": [*configs, application(target, self.settings, self.token)]})
             deadline = time.monotonic() + timeout_s
             while (status := client.get_serve_details().get("applications", {}).get(target.app, {}).get("status")) != "RUNNING":
                 if status == "DEPLOY_FAILED" or time.monotonic() > deadline:
@@ -137,7 +151,8 @@ class Serving:
         try:
             timeout = httpx.Timeout(10, read=self.settings.serve_start_timeout_s)  # a cold start loads the model
             async with httpx.AsyncClient(timeout=timeout) as client, \
-                    client.stream("POST", f"{self.proxy}/{target.app}", json=body) as response:
+                    client.stream("POST", f"{self.proxy}/{target.app}", json=body,
+                                  headers={"Authorization": f"Bearer {self.token}"} if self.token else None) as response:
                 if response.status_code != 200:
                     text = (await response.aread()).decode(errors="replace")[:300]
                     if response.status_code == 404:

@@ -83,9 +83,12 @@ def create_job(core: CoreDep, tenant: TenantDep, body: SpecBody, key: Idempotenc
     return tuning.create(core, tenant, body, key)
 
 
-@router.get("/fine_tuning/jobs", summary="The tenant's fine-tuning jobs, newest first (fine_tuning.jobs.list)")
-def list_jobs(core: CoreDep, tenant: TenantDep, after: After = None, limit: Limit = 20) -> dict[str, Any]:
-    return tuning.page(core, tenant, after, limit)
+@router.get("/fine_tuning/jobs", summary="The tenant's fine-tuning jobs, newest first (fine_tuning.jobs.list)",
+            description="Filtered by metadata as OpenAI's: `metadata[k]=v` for each key that must hold that value, "
+                        "or `metadata=null` for the jobs created without metadata.")
+def list_jobs(request: Request, core: CoreDep, tenant: TenantDep, after: After = None,
+              limit: Limit = 20) -> dict[str, Any]:
+    return tuning.page(core, tenant, after, limit, ft.metadata_filter(request.query_params.multi_items()))
 
 
 @router.get("/fine_tuning/jobs/{job_id}", summary="One fine-tuning job (fine_tuning.jobs.retrieve)")

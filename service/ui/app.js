@@ -258,6 +258,7 @@ function trainingFigures(job, history) {
     figure("perplexity", formatNumber(evals.at(-1)?.perplexity)),
     figure("sequence accuracy", formatNumber(evals.at(-1)?.sequence_accuracy)),
     figure("tokens/s", formatNumber(p.tokens_per_s, 5)),
+    figure("tokens trained", p.tokens_seen === undefined || p.tokens_seen === null ? "–" : p.tokens_seen.toLocaleString()),
     figure("ETA", isActive(job) ? formatSeconds(p.eta_s) : "–"),
     // Reported by GPU workers only: on CPU there is no such figure, so none is shown.
     ...(last.gpu_peak_allocated_gib === undefined ? [] : [

@@ -105,6 +105,15 @@ def test_a_fine_tune_is_served_to_its_tenant_whole_and_streamed_and_scales_to_ze
                       max_retries=0).chat.completions.create(model=job.fine_tuned_model, messages=QUESTION)
     with pytest.raises(openai.UnprocessableEntityError, match="serve_max_tokens"):
         oa.chat.completions.create(model=job.fine_tuned_model, messages=QUESTION, max_tokens=65)
+    # Serve's proxy has no authentication: the replicas answer the control plane's requests only.
+    details = httpx.get(f"{head.address}/api/serve/applications/", headers={"Authorization": f"Bearer {head.token}"},
+                        timeout=10).json()
+    [app] = [name for name in details["applications"] if name.startswith("raysft-chat-")]
+    direct = {"messages": QUESTION, "adapter": None, "stop_tokens": [], "sampling": {"max_tokens": 4}}
+    for headers in ({}, {"Authorization": f"Bearer {head.token}"}):  # not even the Ray token opens it
+        refused = httpx.post(f"http://127.0.0.1:{service.env['RAYSFT_SERVE_PORT']}/{app}", json=direct,
+                             headers=headers, timeout=30)
+        assert refused.status_code == 401, refused.text
 
     # Idle, the application's replicas go; the next chat starts one again (a cold start).
     deadline = time.monotonic() + 180

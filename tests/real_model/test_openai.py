@@ -39,12 +39,16 @@ def service(tmp_path, tiny_model, real_model):
     # Hard links where the file system allows (the model is 0.5 GB), under the shared prefix.
     shutil.copytree(real_model, data / "models" / BASE, copy_function=linked)
     head = local_ray.start(num_cpus=4)
-    models = {BASE: {"uri": str(data / "models" / BASE)} | OFFERED}
-    svc = Service(data, tiny_model, head, openai_models=json.dumps(models), serve_port=local_ray.free_port(),
-                  serve_max_tokens=64)
-    yield svc
-    svc.kill()
-    head.stop()
+    try:  # the head is stopped even when the service fails to start
+        models = {BASE: {"uri": str(data / "models" / BASE)} | OFFERED}
+        svc = Service(data, tiny_model, head, openai_models=json.dumps(models), serve_port=local_ray.free_port(),
+                      serve_max_tokens=64)
+        try:
+            yield svc
+        finally:
+            svc.kill()
+    finally:
+        head.stop()
 
 
 def linked(source: str, target: str) -> None:
@@ -78,6 +82,10 @@ def test_an_openai_fine_tune_of_smollm2_answers_in_the_style_it_was_taught(servi
     assert messages[0].startswith("Created fine-tuning job") and messages[-1] == "The job has successfully completed"
     assert any(m.startswith("Step 12/12: training loss=") for m in messages), messages
     assert job.fine_tuned_model == f"ft:{BASE}:admin:ahoy:{job.id.removeprefix('ftjob-')}"
+    assert job.trained_tokens > 0
+    results = oa.files.content(job.result_files[0]).text.splitlines()
+    assert results[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert [int(line.split(",")[0]) for line in results[1:]] == [2, 4, 6, 8, 10, 12]  # log_every_steps: 2
     checkpoints = oa.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [12, 6]
     assert checkpoints[0].metrics.valid_loss is not None

@@ -12,6 +12,7 @@ set (CI sets it, having installed both)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from datetime import timedelta
@@ -138,6 +139,8 @@ def test_a_pipeline_is_watched_trained_cancelled_and_compared(visit, service, ke
     assert points(page, "chart-eval") >= 1 and points(page, "chart-perplexity") >= 1
     figures = page.locator(".figure .label").all_inner_texts()
     assert "sequence accuracy" in figures and "GPU memory peak" not in figures  # CPU workers report no GPU figure
+    trained = page.locator(".figure", has=page.locator(".label", has_text="tokens trained")).locator(".value")
+    assert int(re.sub(r"\D", "", trained.inner_text())) > 0  # the run's running total, as the locale writes it
     assert page.locator("#answers td").nth(1).inner_text() == "How long should I rest a steak?"
     expect(page.locator("#log")).to_contain_text("step")
 

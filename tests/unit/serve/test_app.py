@@ -65,3 +65,33 @@ def test_adapters_are_switched_per_request_and_the_base_answers_as_the_base(tiny
     assert answer(replica, adapters[2])[0] == expected[2]  # a third: the least recently used (a1) goes
     assert list(replica.adapters) == [adapters[0], adapters[2]]
     assert answer(replica, adapters[1])[0] == expected[1]  # and comes back when asked for
+
+
+def test_a_replica_deployed_with_a_token_answers_only_requests_that_carry_it(tiny_model):
+    import asyncio
+
+    from starlette.requests import Request
+
+    from service.core.serving import proxy_token
+
+    token = proxy_token("the-ray-token")
+    assert token and token != proxy_token("another-ray-token") and "the-ray-token" not in token
+    assert proxy_token(None) is None  # Ray without a token: nothing to derive one from
+    replica = ChatModel.func_or_class(str(tiny_model), "fp32", token=token)
+    body = json.dumps({"messages": QUESTION, "adapter": None, "stop_tokens": ["<|im_end|>"], "sampling": GREEDY})
+
+    async def status(authorization: str | None) -> int:
+        headers = [(b"authorization", authorization.encode())] if authorization is not None else []
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            sent = True
+            return {"type": "http.request", "body": body.encode(), "more_body": False}
+
+        request = Request({"type": "http", "method": "POST", "path": "/", "headers": headers}, receive)
+        response = await replica(request)
+        assert sent == (response.status_code == 200)  # a refused request is not even read
+        return response.status_code
+
+    assert [asyncio.run(status(a)) for a in (None, "Bearer wrong", token, f"Bearer {token}")] == [401, 401, 401, 200]

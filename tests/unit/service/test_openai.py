@@ -6,6 +6,8 @@ and checkpoint directories) are laid out where the training writes them."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 from datetime import UTC, datetime
@@ -20,6 +22,7 @@ from support.service import RecordingRay, service_settings
 from jobs.common import run_layout
 from service import job_outputs, store
 from service.app import create_app
+from service.core import fine_tuning
 from service.core.reconcile import reconcile_once
 from service.store import Status
 
@@ -74,7 +77,8 @@ def write_run(spec: dict, steps: range, every: int, since: datetime) -> None:
     run.mkdir(parents=True, exist_ok=True)
     start = since.replace(tzinfo=UTC).timestamp()
     tick = (time.time() - start) / (len(steps) + 1)
-    rows = [{"step": s, "total_steps": steps[-1], "loss": 3.0 - 0.1 * s, "time": start + tick * s}
+    rows = [{"step": s, "total_steps": steps[-1], "loss": 3.0 - 0.1 * s, "time": start + tick * s,
+             "tokens_seen": 100 * s}
             | ({"eval_loss": 3.1 - 0.1 * s, "token_accuracy": 0.1 * s} if s % every == 0 else {}) for s in steps]
     Path(run_layout.metrics_uri(str(run))).write_text("".join(json.dumps(r) + "\n" for r in rows))
     for s in steps:
@@ -124,11 +128,26 @@ def test_a_fine_tune_through_the_openai_package_from_upload_to_model(app, http):
     assert [c.step_number for c in checkpoints.data] == [8, 4]
     assert checkpoints.data[0].metrics.train_loss == pytest.approx(2.2)
     assert checkpoints.data[0].metrics.valid_loss == pytest.approx(2.3)
+    reconcile(app, **{training_job.submission_id: Status.RUNNING})
+    assert oa.fine_tuning.jobs.retrieve(job.id).trained_tokens is None  # OpenAI's: null until it succeeds
     reconcile(app, **{training_job.submission_id: Status.SUCCEEDED})
 
     done = oa.fine_tuning.jobs.retrieve(job.id)
     model = f"ft:tiny:acme:house:{job.id.removeprefix('ftjob-')}"
     assert done.status == "succeeded" and done.fine_tuned_model == model and done.finished_at
+    assert done.trained_tokens == 800  # every token the 8 steps trained on, from the run's running total
+    # The result file, as OpenAI's: step_metrics.csv, one row per step, validation where evaluated.
+    assert len(done.result_files) == 1 and oa.files.retrieve(done.result_files[0]).purpose == "fine-tune-results"
+    assert oa.files.retrieve(done.result_files[0]).filename == "step_metrics.csv"
+    table = list(csv.DictReader(io.StringIO(oa.files.content(done.result_files[0]).text)))
+    assert [int(row["step"]) for row in table] == list(range(1, 9))
+    assert float(table[-1]["train_loss"]) == pytest.approx(2.2) and float(table[-1]["valid_loss"]) == pytest.approx(2.3)
+    assert table[0]["valid_loss"] == table[0]["train_accuracy"] == ""
+    # Written once: another pass, or another replica reconciling the same job, adds no second file.
+    reconcile(app)
+    fine_tuning.write_results(app.state.core, job.id.removeprefix("ftjob-"))
+    assert [f.purpose for f in oa.files.list()].count("fine-tune-results") == 1
+    assert oa.fine_tuning.jobs.retrieve(job.id).result_files == done.result_files
     assert checkpoints.data[0].fine_tuned_model_checkpoint == f"{model}:ckpt-step-8"
     events = list(oa.fine_tuning.jobs.list_events(job.id, limit=100))
     messages = [e.message for e in events]
@@ -145,12 +164,25 @@ def test_a_fine_tune_through_the_openai_package_from_upload_to_model(app, http):
 def test_jobs_are_listed_in_pages_and_cancelled(app, http):
     oa = client(http)
     training = oa.files.create(file=("train.jsonl", TRAINING), purpose="fine-tune")
-    created = [oa.fine_tuning.jobs.create(model="tiny", training_file=training.id, suffix=f"run{i}") for i in range(3)]
+    created = [oa.fine_tuning.jobs.create(model="tiny", training_file=training.id, suffix=f"run{i}",
+                                          metadata=[None, {"team": "support", "run": "a b&c"}, {"team": "sales"}][i])
+               for i in range(3)]
     first = oa.fine_tuning.jobs.list(limit=2)
     assert [j.id for j in first.data] == [created[2].id, created[1].id] and first.has_more
     assert [j.id for j in oa.fine_tuning.jobs.list(limit=2, after=first.data[-1].id).data] == [created[0].id]
     assert [j.id for j in oa.fine_tuning.jobs.list()] == [j.id for j in created[::-1]]  # the package pages on
     assert created[0].hyperparameters.batch_size == 8 and created[0].hyperparameters.learning_rate_multiplier == 1
+    # OpenAI's metadata filter: metadata[k]=v for each key, metadata=null for none; an empty object is no filter.
+    def listed(**query):
+        return [j.id for j in oa.fine_tuning.jobs.list(**query)]
+    assert listed(metadata={"team": "support"}) == listed(metadata={"team": "support", "run": "a b&c"}) == [created[1].id]
+    assert listed(metadata={"team": "sales"}, limit=1) == [created[2].id]
+    assert listed(metadata={"team": "support", "run": "a"}) == listed(metadata={"team": ""}) == []
+    assert listed(extra_query={"metadata": "null"}) == [created[0].id]
+    assert listed(metadata={}) == [j.id for j in created[::-1]]
+    refused = http.get("/openai/v1/fine_tuning/jobs", params={"metadata": "null", "metadata[team]": "sales"},
+                       headers={"Authorization": f"Bearer {http.keys['acme']}"})
+    assert refused.status_code == 422 and "metadata=null for jobs without metadata; not both" in refused.text
     cancelled = oa.fine_tuning.jobs.cancel(created[0].id)
     assert cancelled.status == "cancelled"
     assert oa.fine_tuning.jobs.list_events(created[0].id).data[0].message == "Fine-tuning job cancelled"

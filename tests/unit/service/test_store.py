@@ -125,3 +125,22 @@ def test_statuses_and_spec_round_trip(sessions):
         loaded = session.get(Job, record.id)
         assert loaded.status is Status.LOST and loaded.status.is_terminal and loaded.error == "gone"
         assert loaded.spec["sources"][0]["weight"] == 0.5 and loaded.finished_at is not None
+
+
+def test_fine_tuning_jobs_are_filtered_by_their_metadata_in_sql(sessions):
+    tagged = [None, {"team": "support", "run": "a b&c"}, {"team": "sales", "empty": ""}]
+    with sessions() as session:
+        store.create_api_key(session, "acme")
+        session.add_all([job(kind=Kind.PIPELINE, request_hash=f"h{i}", idempotency_key=f"k{i}",
+                             fine_tuning={"model": "tiny", "metadata": metadata}) for i, metadata in enumerate(tagged)])
+        session.commit()
+
+    def matching(wanted) -> list:
+        with sessions() as session:
+            found = session.scalars(select(Job).where(store.metadata_matches(wanted))).all()
+            return sorted(tagged.index(j.fine_tuning["metadata"]) for j in found)
+
+    assert matching({"team": "support"}) == matching({"team": "support", "run": "a b&c"}) == [1]
+    assert matching({"team": "sales", "empty": ""}) == [2] and matching({"empty": ""}) == [2]
+    assert matching({"team": "support", "run": "a"}) == matching({"team": ""}) == matching({"absent": "x"}) == []
+    assert matching("null") == [0]
