@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import resource
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -65,8 +66,17 @@ def step(name: str) -> Iterator[None]:
     preparation spends its time and memory."""
     started = time.monotonic()
     yield
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    log.info("prepare: %s in %.1fs (driver peak RSS %.0f MiB)", name, time.monotonic() - started, peak_mib)
+    log.info("prepare: %s in %.1fs (driver peak RSS %.0f MiB)", name, time.monotonic() - started, peak_rss_mib())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory: /proc's VmHWM where there is one, since `ru_maxrss`
+    survives an exec, and a driver started by a large process would report that one's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
 
 
 class RejectRatioExceeded(RuntimeError):
