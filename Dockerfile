@@ -29,15 +29,19 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY requirements/ requirements/
-COPY jobs/ jobs/
-COPY service/ service/
-# The README's and CI's install commands, into a virtualenv the final stage copies. DeepSpeed's
-# CPU shared-memory op is compiled here, ahead of time, so nothing compiles at run time.
-RUN python3 -m venv /opt/raysft \
+# The README's and CI's install commands, into a virtualenv the final stage copies: first every
+# dependency, from the project's metadata alone (its packages empty for now), so that a change to
+# the sources rebuilds only the layer after this one. DeepSpeed's CPU shared-memory op is compiled
+# here, ahead of time, so nothing compiles at run time.
+RUN mkdir jobs service && touch jobs/__init__.py service/__init__.py \
+ && python3 -m venv /opt/raysft \
  && /opt/raysft/bin/pip install --no-cache-dir -U pip setuptools wheel \
  && /opt/raysft/bin/pip install --no-cache-dir torch==2.13.0 \
  && DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 /opt/raysft/bin/pip install --no-cache-dir \
-      --no-build-isolation -c requirements/constraints.txt ".${EXTRAS:+[$EXTRAS]}" \
+      --no-build-isolation -c requirements/constraints.txt ".${EXTRAS:+[$EXTRAS]}"
+COPY jobs/ jobs/
+COPY service/ service/
+RUN /opt/raysft/bin/pip install --no-cache-dir --no-deps --no-build-isolation . \
  && find /opt/raysft -name "__pycache__" -prune -exec rm -rf {} +
 
 FROM ${BASE}

@@ -61,6 +61,15 @@ def test_install_commands_are_the_ones_the_makefile_and_ci_use(commands):
     assert "DS_BUILD_SHM_COMM=1" in runs  # DeepSpeed's CPU op built ahead of time, not at run time
 
 
+def test_dependencies_install_in_a_layer_before_the_sources_are_copied(commands):
+    build, _ = stages(commands)
+    order = [(c.cmd, c.original) for c in build if c.cmd in ("RUN", "COPY")]
+    [deps] = [i for i, (cmd, text) in enumerate(order) if cmd == "RUN" and "torch==" in text]
+    sources = [i for i, (cmd, text) in enumerate(order) if cmd == "COPY" and re.search(r"\b(jobs|service)/", text)]
+    assert sources and deps < min(sources)  # a change to the sources reuses the dependencies' layer
+    assert "--no-deps" in order[-1][1] and max(sources) < len(order) - 1  # then the sources alone
+
+
 def test_dockerignore_sends_only_what_the_image_needs():
     lines = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"
