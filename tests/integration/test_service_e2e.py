@@ -140,8 +140,9 @@ def restart_on(port: int, token: str) -> local_ray.LocalRay:
 def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason_and_keeps_its_log(tmp_path, tiny_model, record_property):
     data_dir = tmp_path / "data"
     head = local_ray.start(num_cpus=4)
-    service = Service(data_dir, tiny_model, head, log_copy_interval_s=1)
-    try:
+    service = None
+    try:  # the head is stopped even when the service fails to start
+        service = Service(data_dir, tiny_model, head, log_copy_interval_s=1)
         inputs = data_dir / "artifacts/tenants/admin/inputs"
         inputs.mkdir(parents=True)
         # Over 4 MiB, so the job runs on Ray (small inputs finish in the driver in seconds)
@@ -169,7 +170,8 @@ def test_a_ray_restart_mid_job_ends_it_lost_with_the_reason_and_keeps_its_log(tm
         logs = service.http.get(f"/v1/jobs/{job['id']}/logs")
         assert logs.status_code == 200 and before_crash.strip().splitlines()[0] in logs.text
     finally:
-        service.kill()
+        if service is not None:
+            service.kill()
         head.stop()
 
 
@@ -217,8 +219,9 @@ def test_secrets_never_appear_in_api_responses_ray_metadata_or_logs(tmp_path, ti
                   Body=(REPO / "configs/data/alpaca.jsonl").read_bytes())
     data_dir = tmp_path / "data"
     head = local_ray.start(num_cpus=4)  # inherits the canary, like a Ray node given the S3 Secret
-    service = Service(data_dir, tiny_model, head, artifact_root="s3://raysft/artifacts", log_copy_interval_s=1)
+    service = None
     try:
+        service = Service(data_dir, tiny_model, head, artifact_root="s3://raysft/artifacts", log_copy_interval_s=1)
         assert service.env["AWS_SECRET_ACCESS_KEY"] == canary and service.env["HF_TOKEN"] == tokens["HF_TOKEN"]
         body = {"dataset": dataset_body(data_dir, sources=[
                     {"uri": "s3://raysft/artifacts/tenants/admin/inputs/alpaca.jsonl", "format": "alpaca"}]),
@@ -249,5 +252,6 @@ def test_secrets_never_appear_in_api_responses_ray_metadata_or_logs(tmp_path, ti
                  for text in seen if c in text]
         assert leaks == []
     finally:
-        service.kill()
+        if service is not None:
+            service.kill()
         head.stop()
