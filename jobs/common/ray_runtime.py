@@ -30,6 +30,9 @@ def init(num_cpus: int | None = None) -> None:
     # Rows are never silently dropped: a failing block fails the job (Ray Data's default is 0 too,
     # set here so a cluster-wide override cannot change it).
     ctx.max_errored_blocks = 0
+    # A job's log is read, not watched: Ray Data redraws its bars with carriage returns, and each
+    # training worker's pass over the validation split would add dozens of lines to it.
+    ctx.enable_progress_bars = False
 
 
 def quiet_without_state_api() -> None:

@@ -81,6 +81,7 @@ def score(shard: Shard) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from jobs.train.console import quiet_progress_bars
     from jobs.train.driver import stop_ids
     from jobs.train.evaluate import evaluation_sums, generate_answers
     from jobs.train.loop import load_tokenizer, local_model_dir
@@ -89,6 +90,7 @@ def score(shard: Shard) -> dict[str, Any]:
 
     spec = shard.spec
     device = torch.device("cuda", torch.cuda.current_device()) if spec.scaling.use_gpu else torch.device("cpu")
+    quiet_progress_bars()
     with tempfile.TemporaryDirectory(prefix="raysft-evaluate-") as scratch:
         model_dir = local_model_dir(spec.model.uri, Path(scratch) / "base")
         tokenizer = load_tokenizer(model_dir, shard.chat_template)

@@ -11,3 +11,11 @@ def say(text: str) -> None:
     line would reach the job's log twice."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def quiet_progress_bars() -> None:
+    """No transformers progress bars in this worker ("Loading weights", "Writing model shards"):
+    redrawn with carriage returns, they read as noise in a job's log."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from jobs.common import model_source, run_layout, storage, tokenizer_files
 from jobs.common.contract import IGNORE_INDEX, TOKEN_COLUMNS
 from jobs.train.checkpoint import Position, restore, write_checkpoint
-from jobs.train.console import say
+from jobs.train.console import quiet_progress_bars, say
 from jobs.train.data_order import SHUFFLE_BUFFER_ROWS, epoch_order, worker_rows
 from jobs.train.engines.base import Engine
 from jobs.train.engines.registry import make_engine, weights_dtype
@@ -295,6 +295,7 @@ def train_loop(config: dict[str, LoopConfig]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    quiet_progress_bars()
     torch.manual_seed(spec.seed)  # identical initialisation (LoRA too) on every worker
     scratch = Path(tempfile.mkdtemp(prefix="raysft-train-"))
     model_dir = local_model_dir(spec.model.uri, scratch)

@@ -49,21 +49,18 @@ def collate(rows: Sequence[dict[str, np.ndarray]], pad_id: int,
         if attention is Attention.FLEX_ATTENTION:
             flat["attention_mask"] = document_mask(seq_lens)
         return flat
-    length = max(len(r["input_ids"]) for r in rows)
-    batch = len(rows)
-    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
-    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((batch, length), dtype=torch.long)
-    segments = torch.full((batch, length), -1, dtype=torch.long)  # -1: padding
+    # Filled in numpy, whose rows may be read-only views of Arrow buffers, then handed to torch once.
+    shape = (len(rows), max(len(r["input_ids"]) for r in rows))
+    input_ids = np.full(shape, pad_id, dtype=np.int64)
+    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.zeros(shape, dtype=np.int64)
+    segments = np.full(shape, -1, dtype=np.int64)  # -1: padding
     for b, row in enumerate(rows):
         n = len(row["input_ids"])
-        input_ids[b, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
-        labels[b, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
-        position_ids[b, :n] = torch.as_tensor(row["position_ids"], dtype=torch.long)
-        segments[b, :n] = torch.repeat_interleave(torch.arange(len(row["seq_lens"])),
-                                                  torch.as_tensor(row["seq_lens"], dtype=torch.long))
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": block_causal_mask(segments)}
+        input_ids[b, :n], labels[b, :n], position_ids[b, :n] = row["input_ids"], row["labels"], row["position_ids"]
+        segments[b, :n] = np.repeat(np.arange(len(row["seq_lens"])), row["seq_lens"])
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(position_ids), "attention_mask": block_causal_mask(torch.from_numpy(segments))}
 
 
 FLEX_MIN_LENGTH = 128  # flex attention's block size

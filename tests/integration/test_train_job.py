@@ -114,7 +114,9 @@ def test_lora_zero3_two_workers_and_its_adapter_evaluated_as_a_job(tiny_model, p
                   "adapter": str(tmp_path / "ckpt/lora-z3/export/adapter"), "dataset": str(prepared),
                   "generation": {"prompts": ["How long should I rest a steak?"], "max_new_tokens": 4},
                   "scaling": {"num_workers": 2}, "output": str(tmp_path / "eval")}
-    printed = run("jobs.evaluate", evaluation).stdout
+    evaluated = run("jobs.evaluate", evaluation)
+    printed = evaluated.stdout
+    assert "Loading weights" not in printed + evaluated.stderr  # no progress bars
     report = json.loads((tmp_path / "eval/evaluation.json").read_text())
     assert report["rows"] == json.loads((prepared / "manifest.json").read_text())["packing"]["rows"]["val"]
     for key in ("eval_loss", "token_accuracy", "sequence_accuracy"):
@@ -133,6 +135,10 @@ def test_full_finetune_ddp_two_workers(tiny_model, prepared, tmp_path):
     # Each line rank 0 writes reaches the job's log once (Ray Train's own `print` would log it twice).
     assert [output.count(f'{{"step": {step},') for step in range(1, 11)] == [1] * 10
     assert output.count("exported model to") == 1
+    # A job's log is read afterwards: no progress bars redrawn with carriage returns (Ray Data's
+    # on every evaluation pass, transformers' on every model load and save), no torch warning.
+    assert "\r" not in output and "Running Dataset" not in output and "Loading weights" not in output
+    assert "NumPy array is not writable" not in output
     # Its private cluster has no State API; Ray Train's cleaner would say so every second.
     assert "Failed to query Ray Train Controller actor state" not in proc.stderr
     assert (tmp_path / "ckpt/full-ddp/step_00000010/ddp_state.pt").exists()

@@ -1,6 +1,8 @@
 """On the scaffold model: packed rows equal their samples alone, and
 gradient accumulation does not change the gradients."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -44,6 +46,22 @@ def test_mask_is_block_diagonal_causal_and_padding_safe():
         [0, 0, 0, 0, 0, 1],
     ], dtype=torch.bool)
     assert torch.equal(mask, expected)
+
+
+def test_collate_takes_read_only_rows_as_ray_data_hands_them_over():
+    """Rows iterated from Ray Data are read-only views of Arrow buffers; torch warns (once per
+    worker, in every job's log) when a tensor is made straight from one."""
+    rng = np.random.default_rng(0)
+    rows = [pack_row([sample(rng, 7), sample(rng, 4)]), pack_row([sample(rng, 5)])]
+    for row in rows:
+        for values in row.values():
+            values.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = collate(rows, pad_id=0)
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (2, 11)
+    assert batch["input_ids"][1, 5:].eq(0).all() and batch["labels"][1, 5:].eq(-100).all()
+    assert np.array_equal(batch["input_ids"][0].numpy(), rows[0]["input_ids"])
 
 
 def test_packed_loss_equals_samples_run_one_by_one(model):
