@@ -26,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     create_engine,
+    or_,
     select,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -254,15 +255,20 @@ def tenant_for_key(session: Session, key: str) -> str | None:
 # ---------------------------------------------------------------- files
 
 
-def metadata_matches(wanted: dict[str, str] | Literal["null"]) -> ColumnElement[bool]:
-    """Fine-tuning jobs whose metadata holds each wanted key with its value, or ("null") those
-    without metadata. In SQL (JSON paths both SQLite and PostgreSQL have), so pages stay pages."""
-    if wanted == "null":
-        return Job.fine_tuning["metadata"].as_string().is_(None)
-    return and_(*(Job.fine_tuning[("metadata", key)].as_string() == value for key, value in wanted.items()))
-
-
 def tenant_file(session: Session, tenant_id: str, file_id: str) -> File | None:
     """A tenant's file; another tenant's is None, like a missing one."""
     row = session.get(File, file_id)
     return row if row is not None and row.tenant_id == tenant_id else None
+
+
+# ---------------------------------------------------------------- fine-tuning jobs
+
+
+def metadata_matches(wanted: dict[str, str] | Literal["null"]) -> ColumnElement[bool]:
+    """Fine-tuning jobs whose metadata holds each wanted key with its value, or ("null") those
+    without metadata: created without it, or with `{}`. In SQL (JSON paths both SQLite and
+    PostgreSQL have, either reading an object back as its JSON text), so pages stay pages."""
+    if wanted == "null":
+        metadata = Job.fine_tuning["metadata"].as_string()
+        return or_(metadata.is_(None), metadata == "{}")
+    return and_(*(Job.fine_tuning[("metadata", key)].as_string() == value for key, value in wanted.items()))

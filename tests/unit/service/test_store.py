@@ -128,7 +128,7 @@ def test_statuses_and_spec_round_trip(sessions):
 
 
 def test_fine_tuning_jobs_are_filtered_by_their_metadata_in_sql(sessions):
-    tagged = [None, {"team": "support", "run": "a b&c"}, {"team": "sales", "empty": ""}]
+    tagged = [None, {"team": "support", "run": "a b&c"}, {"team": "sales", "empty": ""}, {}]
     with sessions() as session:
         store.create_api_key(session, "acme")
         session.add_all([job(kind=Kind.PIPELINE, request_hash=f"h{i}", idempotency_key=f"k{i}",
@@ -143,4 +143,4 @@ def test_fine_tuning_jobs_are_filtered_by_their_metadata_in_sql(sessions):
     assert matching({"team": "support"}) == matching({"team": "support", "run": "a b&c"}) == [1]
     assert matching({"team": "sales", "empty": ""}) == [2] and matching({"empty": ""}) == [2]
     assert matching({"team": "support", "run": "a"}) == matching({"team": ""}) == matching({"absent": "x"}) == []
-    assert matching("null") == [0]
+    assert matching("null") == [0, 3]  # created without metadata, or with none in it
