@@ -46,14 +46,15 @@ class Splits:
     train_table: pa.Table | None = None
     train_sizes: list[int] = field(default_factory=list)  # rows of each dataset in train_table
     train: Any = None  # a Ray Dataset, when streamed
-    val: Any = None  # a Ray Dataset of every dataset's validation rows, or None
-    val_streamed: bool = False  # too large to hold: Ray Train splits it among the workers
+    val_table: pa.Table | None = None  # every dataset's validation rows, when held
+    val: Any = None  # a Ray Dataset of them, when too large to hold: Ray Train splits it among the workers
 
 
 def datasets(spec: TrainingSpec, manifests: list[Manifest],
              in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES) -> Splits:
-    """The train and val splits of the prepared datasets (see `Splits`). A small validation
-    split is materialized: evaluations then read blocks already in the object store."""
+    """The train and val splits of the prepared datasets (see `Splits`). A validation split that
+    fits is one Arrow table, as a held training split is: no Ray Data execution starts for it,
+    here or at any evaluation."""
     in_memory = {split: sum(m.split_bytes(split) for m in manifests) <= in_memory_max_bytes for split in SPLITS}
     out, streamed, val = Splits(), [], []
     for ref, manifest in zip(spec.datasets, manifests, strict=True):
@@ -67,17 +68,17 @@ def datasets(spec: TrainingSpec, manifests: list[Manifest],
             whole, frac = int(ref.weight), ref.weight - int(ref.weight)
             streamed.extend([ds] * whole + ([ds.random_sample(frac, seed=spec.seed)] if frac else []))
         if manifest.rows("val"):
-            val.append(ray.data.from_arrow(pq.read_table(f"{base}/val", filesystem=fs)) if in_memory["val"]
+            val.append(pq.read_table(f"{base}/val", filesystem=fs) if in_memory["val"]
                        else ray.data.read_parquet(f"{base}/val", filesystem=fs))
     # The same rows in the same order on every run, here as in the workers' ingest.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     if streamed:
         out.train = (streamed[0].union(*streamed[1:]) if len(streamed) > 1 else streamed[0]).randomize_block_order(
             seed=spec.seed)
-    if val:
+    if val and in_memory["val"]:
+        out.val_table = pa.concat_tables(val)
+    elif val:
         out.val = val[0].union(*val[1:]) if len(val) > 1 else val[0]
-        out.val = out.val.materialize() if in_memory["val"] else out.val
-        out.val_streamed = not in_memory["val"]
     log.info("train: train split %s, val split %s", "held in memory" if in_memory["train"] else "streamed from storage",
              "held in memory" if in_memory["val"] else "streamed from storage")
     return out
@@ -112,23 +113,24 @@ def build_trainer(spec: TrainingSpec, manifests: list[Manifest], inputs: RunInpu
     # The same batches in the same order on every run: what makes a resumed run exact.
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
-    has_val = data.val is not None
+    has_val = data.val is not None or data.val_table is not None
     log.info("train: %d steps, %d workers, run %s", steps, spec.scaling.num_workers, spec.run_uri)
     # A training split held in memory goes to every worker once, through the object store (a
     # node's workers share one copy); each reads its rows of each epoch's order from it.
     held = None if data.train_table is None else HeldSplit(ray.put(data.train_table), tuple(data.train_sizes),
                                                            tuple(ref.weight for ref in spec.datasets))
+    val_held = None if data.val_table is None else ray.put(data.val_table)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"loop": LoopConfig(spec, steps, inputs, has_val, data.val_streamed, held)},
+        train_loop_config={"loop": LoopConfig(spec, steps, inputs, held, val_held, val_streamed=data.val is not None)},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=resources),
         datasets={name: ds for name, ds in (("train", data.train), ("val", data.val)) if ds is not None},
-        # Ray Train's split is equal-sized: it drops the rows that do not divide among the workers
-        # (a third of a 3-row validation split on 2 workers). A streamed split's few rows are
-        # negligible; a held one goes whole to every worker, which evaluates its share of it.
-        dataset_config=DataConfig(datasets_to_split=["train", "val"] if data.val_streamed else ["train"],
-                                  execution_options=ingest),
+        # Ray Train splits each streamed split among the workers in equal shares, dropping the rows
+        # that do not divide (negligible in a split too large to hold). A held validation split
+        # goes whole to every worker instead, which evaluates its share: a 3-row split on 2
+        # workers is scored on 3 rows, not 2.
+        dataset_config=DataConfig(execution_options=ingest),
         run_config=RunConfig(
             name=spec.name, storage_path=path, storage_filesystem=fs,
             # Keep the best by eval loss; Ray Train always keeps the latest as well.

@@ -78,9 +78,13 @@ class LoopConfig:
     spec: TrainingSpec
     total_steps: int
     inputs: RunInputs
-    has_val: bool
-    val_streamed: bool  # each worker gets a Ray Train split of it; else the whole, to take its share
     train_held: HeldSplit | None  # None: the training split streams from storage
+    val_held: Any = None  # a Ray ObjectRef of the validation split's Table: every worker takes its share
+    val_streamed: bool = False  # too large to hold: each worker gets a Ray Train split of it
+
+    @property
+    def has_val(self) -> bool:
+        return self.val_held is not None or self.val_streamed
 
 
 def load_model(spec: TrainingSpec, model_dir: str) -> torch.nn.Module:
@@ -177,6 +181,11 @@ def checkpoint_directory(checkpoint) -> Iterator[Path]:
 # ---------------------------------------------------------------- data
 
 
+def _numpy(table) -> dict[str, np.ndarray]:
+    """An Arrow table's rows as Ray Data hands a numpy batch over (list columns: arrays of arrays)."""
+    return {column: table.column(column).to_numpy(zero_copy_only=False) for column in table.column_names}
+
+
 def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     return [{k: batch[k][r] for k in TOKEN_COLUMNS} for r in range(len(batch["input_ids"]))]
 
@@ -216,8 +225,7 @@ def held_batches(table, sizes: list[int], weights: list[float], seed: int, epoch
     table of every dataset's rows."""
     rows = worker_rows(epoch_order(sizes, weights, seed, epoch), rank, world, world * micro * accum)
     for start in range(skip * micro, len(rows) - micro + 1, micro):
-        batch = table.take(rows[start:start + micro])
-        yield {column: batch.column(column).to_numpy(zero_copy_only=False) for column in table.column_names}
+        yield _numpy(table.take(rows[start:start + micro]))
 
 
 def step_batches(batches: Iterator[dict[str, np.ndarray]], spec: TrainingSpec, pad_id: int,
@@ -239,32 +247,35 @@ def step_batches(batches: Iterator[dict[str, np.ndarray]], spec: TrainingSpec, p
 
 def validation_batches(shard, loop: LoopConfig, pad_id: int, rank: int, world: int,
                        device: torch.device = torch.device("cpu")) -> Iterator[dict[str, torch.Tensor]]:
-    """This worker's share of the validation split, streamed afresh at each evaluation, so a worker
+    """This worker's share of the validation split, read afresh at each evaluation, so a worker
     never holds more of it than the batches in flight, however large the split: its Ray Train
-    split when streamed from storage (equal-sized), else one micro-batch of every `world` of the
-    whole, so every row is evaluated once. Every worker gets as many batches as the others: with
-    sharded parameters (ZeRO-3, FSDP) each forward pass needs every rank, so where the split runs
-    out a worker gets a batch with nothing to score. Each pass starts a streaming execution: for a
-    split held in the object store, about 0.14 s more per evaluation on the CPU smoke run; one
-    streamed from storage starts its read tasks again (docs/benchmarks.md)."""
-    if shard is None:
-        return
+    split when streamed from storage (equal-sized), else its share of the held split
+    (`held_share`), read zero-copy from the node's object store."""
     spec = loop.spec
-    batches = shard.iter_batches(batch_size=spec.batch.micro_batch_size, batch_format="numpy")
     if loop.val_streamed:
-        for batch in batches:
+        for batch in shard.iter_batches(batch_size=spec.batch.micro_batch_size, batch_format="numpy"):
             yield on_device(collate(_rows(batch), pad_id, spec.model.attn_implementation), device)
-        return
-    group: list[dict[str, np.ndarray]] = []
-    for batch in itertools.chain(batches, [None]):
-        if batch is not None:
-            group.append(batch)
-        if group and (len(group) == world or batch is None):
-            mine = collate(_rows(group[min(rank, len(group) - 1)]), pad_id, spec.model.attn_implementation)
-            if rank >= len(group):
-                mine["labels"][:] = IGNORE_INDEX  # a forward pass for the other ranks' sake, scoring nothing
-            yield on_device(mine, device)
-            group = []
+    elif loop.val_held is not None:
+        import ray
+
+        for batch in held_share(ray.get(loop.val_held), spec, pad_id, rank, world):
+            yield on_device(batch, device)
+
+
+def held_share(table, spec: TrainingSpec, pad_id: int, rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One micro-batch of every `world` of a held validation split, so every row is evaluated
+    once. Every worker gets as many batches as the others: with sharded parameters (ZeRO-3, FSDP)
+    each forward pass needs every rank, so where the split runs out a worker gets a batch with
+    nothing to score."""
+    micro = spec.batch.micro_batch_size
+    starts = range(0, table.num_rows, micro)
+    for first in range(0, len(starts), world):
+        group = starts[first:first + world]
+        mine = collate(_rows(_numpy(table.slice(group[min(rank, len(group) - 1)], micro))), pad_id,
+                       spec.model.attn_implementation)
+        if rank >= len(group):
+            mine["labels"][:] = IGNORE_INDEX  # a forward pass for the other ranks' sake, scoring nothing
+        yield mine
 
 
 def reduce_device() -> torch.device:
@@ -312,7 +323,7 @@ def train_loop(config: dict[str, LoopConfig]) -> None:
                 f"micro-batch {position.cursor}) after {position.failures} failure(s)")
     log = MetricsLog(run_uri, position.global_step, trackers=Trackers(spec, run_uri)) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train") if loop.train_held is None else None
-    val_shard = ray.train.get_dataset_shard("val") if loop.has_val else None
+    val_shard = ray.train.get_dataset_shard("val") if loop.val_streamed else None
 
     if spec.eval.at_start and position.global_step == 0:  # the base model, before any step
         metrics = {"step": 0, "total_steps": total_steps, "epoch": 0, "failures": 0}

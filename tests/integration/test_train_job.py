@@ -164,7 +164,8 @@ def test_datasets_mix_by_weight_held_in_memory_or_streamed(tiny_model, prepared,
         held, streamed = datasets(spec, manifests), datasets(spec, manifests, in_memory_max_bytes=0)
         # Held: each dataset's rows once, one after the other; every epoch's order picks from them.
         assert held.train is None and held.train_sizes == [rows, rows] and held.train_table.num_rows == 2 * rows
-        assert held.val is not None and held.val.count() == 2 * manifests[0].rows("val")
+        assert held.val is None and held.val_table.num_rows == 2 * manifests[0].rows("val")
+        assert streamed.val_table is None and streamed.val.count() == 2 * manifests[0].rows("val")
         # Streamed: weight 2.0 reads every row twice, weight 0.5 a seeded Bernoulli(0.5) sample.
         assert streamed.train_table is None
         assert 2 * rows + 0.3 * rows <= streamed.train.count() <= 2 * rows + 0.7 * rows

@@ -77,31 +77,21 @@ def test_generations_are_reproducible_and_leave_the_training_random_stream_alone
     assert generate_answers(engine, tokenizer, spec.eval, stop, seed=7, rank=1) == []
 
 
-class WholeSplit:
-    """What Ray Train hands every worker for a split it does not divide: the whole, in order."""
-
-    def __init__(self, rows: list[dict[str, np.ndarray]]):
-        self.rows = rows
-
-    def iter_batches(self, batch_size: int, batch_format: str):
-        for start in range(0, len(self.rows), batch_size):
-            chunk = self.rows[start:start + batch_size]
-            yield {k: np.array([r[k] for r in chunk] + [None], dtype=object)[:-1] for k in chunk[0]}
-
-
-@pytest.mark.parametrize("rows,world", [(3, 2), (5, 3), (1, 2)])
-def test_every_validation_row_is_evaluated_once_whatever_the_number_of_workers(rows, world):
+@pytest.mark.parametrize("rows,world,micro", [(3, 2, 1), (5, 3, 1), (1, 2, 1), (7, 2, 2)])
+def test_every_validation_row_is_evaluated_once_whatever_the_number_of_workers(rows, world, micro):
     """Ray Train's equal split would drop the rows that do not divide among the workers (a third of
     a 3-row split on 2 workers): a held split goes whole to every worker, which takes its share,
     and a worker past the end runs a batch that scores nothing."""
-    from jobs.train.loop import LoopConfig, RunInputs, validation_batches
+    import pyarrow as pa
+
+    from jobs.train.loop import held_share
 
     spec = load_training_spec({"name": "e", "model": {"uri": "m"}, "datasets": [{"uri": "d"}],
-                               "checkpoint": {"storage": "s"}, "batch": {"micro_batch_size": 1}})
-    loop = LoopConfig(spec, 10, RunInputs(None, (0,), 0), has_val=True, val_streamed=False, train_held=None)
-    split = WholeSplit([packed_row([i + 1, i + 2, i + 3], 1) for i in range(rows)])
-    per_rank = [list(validation_batches(split, loop, 0, rank, world)) for rank in range(world)]
-    scored = [int(b["input_ids"][0, 0]) for batches in per_rank for b in batches if (b["labels"] != IGNORE_INDEX).any()]
+                               "checkpoint": {"storage": "s"}, "batch": {"micro_batch_size": micro}})
+    table = pa.Table.from_pylist([packed_row([i + 1, i + 2, i + 3], 1) for i in range(rows)])
+    per_rank = [list(held_share(table, spec, 0, rank, world)) for rank in range(world)]
+    scored = [int(b["input_ids"][r, 0]) for batches in per_rank for b in batches
+              for r in range(len(b["input_ids"])) if (b["labels"][r] != IGNORE_INDEX).any()]
     assert sorted(scored) == [i + 1 for i in range(rows)]
     # Sharded parameters need every rank in every forward pass: each rank runs as many.
     assert len({len(batches) for batches in per_rank}) == 1
