@@ -112,19 +112,24 @@ class Serving:
         return ServeSubmissionClient(self.ray_address)
 
     def deploy(self, target: Target, timeout_s: float) -> None:
-        """Make sure the base model's application is deployed and running: every application already
-        there is deployed again as it is (Serve's REST API replaces the whole set)."""
+        """Make sure the base model's application is deployed, with this service's token, and
+        running: every other application there is deployed again as it is (Serve's REST API
+        replaces the whole set)."""
         if target.app in self.ready:
             return
         try:
             client = self._client()
-            details = client.get_serve_details()
-            apps = details.get("applications") or {}
-            if target.app not in apps:
-                configs = [a["deployed_app_config"] for a in apps.values() if a.get("deployed_app_config")]
+            apps = client.get_serve_details().get("applications") or {}
+            wanted = application(target, self.settings, self.token)
+            # One deployed with other arguments is replaced: by an earlier raysft without a token,
+            # its replicas answer anyone who reaches the proxy; under a rotated Ray token, they
+            # would refuse this service.
+            if ((apps.get(target.app) or {}).get("deployed_app_config") or {}).get("args") != wanted["args"]:
+                others = [a["deployed_app_config"] for name, a in apps.items()
+                          if name != target.app and a.get("deployed_app_config")]
                 client.deploy_applications({
                     "http_options": {"host": self.settings.serve_host, "port": self.settings.serve_port},
-                    "applications": [*configs, application(target, self.settings, self.token)]})
+                    "applications": [*others, wanted]})
             deadline = time.monotonic() + timeout_s
             while (status := client.get_serve_details().get("applications", {}).get(target.app, {}).get("status")) != "RUNNING":
                 if status == "DEPLOY_FAILED" or time.monotonic() > deadline:

@@ -115,6 +115,25 @@ def test_a_fine_tune_is_served_to_its_tenant_whole_and_streamed_and_scales_to_ze
                              headers=headers, timeout=30)
         assert refused.status_code == 401, refused.text
 
+    # An application an earlier raysft deployed without a token answers whoever reaches the proxy;
+    # the service deploys it again with its token before its next chat.
+    config = details["applications"][app]["deployed_app_config"]
+    unguarded = config | {"args": {k: v for k, v in config["args"].items() if k != "token"}}
+    put = httpx.put(f"{head.address}/api/serve/applications/", headers={"Authorization": f"Bearer {head.token}"},
+                    json={"http_options": {k: details["http_options"][k] for k in ("host", "port")},
+                          "applications": [unguarded]}, timeout=30)
+    assert put.status_code == 200, put.text
+    proxy = f"http://127.0.0.1:{service.env['RAYSFT_SERVE_PORT']}/{app}"
+    deadline = time.monotonic() + 120
+    while httpx.post(proxy, json=direct, timeout=60).status_code != 200:
+        assert time.monotonic() < deadline, "the application deployed without a token never answered"
+        time.sleep(1)
+    service.kill()  # a new service, as after an upgrade: it has seen no application yet
+    service.start()
+    assert oa.chat.completions.create(model=job.fine_tuned_model, messages=QUESTION, max_tokens=24,
+                                      temperature=0).choices[0].message.content == expected
+    assert httpx.post(proxy, json=direct, timeout=60).status_code == 401
+
     # Idle, the application's replicas go; the next chat starts one again (a cold start).
     deadline = time.monotonic() + 180
     while serve_replicas(head) > 0:
