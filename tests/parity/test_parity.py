@@ -127,7 +127,9 @@ def train_raysft(real_model: Path, prepared: dict, seed: int, storage: Path) -> 
             "scaling": {"num_workers": 1, "cpus_per_worker": 2}, "log_every_steps": 1,
             "checkpoint": {"storage": str(storage), "every_steps": 1000, "keep": 1},
             "eval": {"every_steps": 1000}, "export": {"merge_lora": False}}
-    run("jobs.train", spec)
+    # CI builds the image beside this test: a run that shares its two cores can take several
+    # times its 2 minutes alone (the pytest timeout above still bounds the whole test).
+    run("jobs.train", spec, timeout=1500)
     return storage / f"parity-{seed}" / "export" / "adapter"
 
 

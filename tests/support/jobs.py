@@ -20,9 +20,10 @@ def job_env(env: dict | None = None) -> dict:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
 
 
-def run(module: str, spec: dict, env: dict | None = None, args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def run(module: str, spec: dict, env: dict | None = None, args: tuple[str, ...] = (),
+        timeout: float = 500) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", module, "--spec", json.dumps(spec), *args], cwd=REPO, env=job_env(env),
-                          capture_output=True, text=True, timeout=500)
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return proc
 
