@@ -113,16 +113,16 @@ def build_trainer(spec: TrainingSpec, manifests: list[Manifest], inputs: RunInpu
     # The same batches in the same order on every run: what makes a resumed run exact.
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
-    has_val = data.val is not None or data.val_table is not None
     log.info("train: %d steps, %d workers, run %s", steps, spec.scaling.num_workers, spec.run_uri)
     # A training split held in memory goes to every worker once, through the object store (a
     # node's workers share one copy); each reads its rows of each epoch's order from it.
     held = None if data.train_table is None else HeldSplit(ray.put(data.train_table), tuple(data.train_sizes),
                                                            tuple(ref.weight for ref in spec.datasets))
-    val_held = None if data.val_table is None else ray.put(data.val_table)
+    loop = LoopConfig(spec, steps, inputs, held, None if data.val_table is None else ray.put(data.val_table),
+                      val_streamed=data.val is not None)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"loop": LoopConfig(spec, steps, inputs, held, val_held, val_streamed=data.val is not None)},
+        train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=resources),
         datasets={name: ds for name, ds in (("train", data.train), ("val", data.val)) if ds is not None},
@@ -135,7 +135,7 @@ def build_trainer(spec: TrainingSpec, manifests: list[Manifest], inputs: RunInpu
             name=spec.name, storage_path=path, storage_filesystem=fs,
             # Keep the best by eval loss; Ray Train always keeps the latest as well.
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep,
-                                               checkpoint_score_attribute="eval_loss" if has_val else None,
+                                               checkpoint_score_attribute="eval_loss" if loop.has_val else None,
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=spec.max_failures)),
     )
